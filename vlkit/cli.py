@@ -1,0 +1,223 @@
+"""The ``vlkit`` command line: fit, validate, predict, list, config and data tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from vlkit.errors import VlkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+OVERRIDES_HELP = "dotted overrides applied after the recipe, e.g. model.fusion.name=linear stages.0.lr=1e-4"
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from vlkit.config import load_recipe
+    from vlkit.training.fit import fit
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = fit(recipe, args.run_dir)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        _print_metrics(summary["val"], f"final validation ({summary['run_dir']})")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    from rich.table import Table
+
+    if not metrics:
+        console.print(f"{title}: no validation data in the recipe")
+        return
+    table = Table(title=title)
+    for col in ("metric", "model", "majority baseline", "samples"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    if "val/loss" in metrics:
+        table.add_row("loss", f"{metrics['val/loss']:.4f}", "", "")
+    for key, value in metrics.items():
+        if key.startswith("val/accuracy"):
+            suffix = key.removeprefix("val/accuracy")
+            table.add_row(f"accuracy{suffix or ' (overall)'}", f"{value:.3f}",
+                          f"{metrics.get('val/baseline' + suffix, float('nan')):.3f}",
+                          f"{int(metrics.get('val/count' + suffix, 0))}")
+    console.print(table)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from vlkit.training.fit import evaluate, load_run
+
+    recipe, model = load_run(args.run_dir)
+    metrics = evaluate(recipe, model)
+    _print_metrics(metrics, f"validation of {args.run_dir}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from vlkit.errors import DataError
+    from vlkit.training.fit import load_run
+
+    _, model = load_run(args.run_dir)
+    if args.input:
+        lines = Path(args.input).read_text().splitlines()
+        items = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                item["question"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{args.input}:{n}: expected a JSON object with 'question' (and optional "
+                                f"'image'), got {line[:80]!r} ({exc})") from None
+            items.append(item)
+    elif args.question:
+        items = [{"image": args.image, "question": args.question}]
+    else:
+        raise DataError("give --input FILE.jsonl or --question TEXT (with --image PATH)")
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        for start in range(0, len(items), args.batch_size):
+            chunk = items[start:start + args.batch_size]
+            images = []
+            for item in chunk:
+                path = item.get("image")
+                if path is None:
+                    images.append(None)
+                    continue
+                try:
+                    images.append(Image.open(path).convert("RGB"))
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"cannot read image {path!r}: {exc}") from None
+            answers = model.answer(images, [i["question"] for i in chunk], max_new_tokens=args.max_new_tokens)
+            for item, answer in zip(chunk, answers):
+                out.write(json.dumps({**item, "answer": answer}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from vlkit.registry import REGISTRIES
+
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    for kind in kinds:
+        registry = REGISTRIES[kind]
+        console.print(f"[bold]{kind}[/]")
+        for name in registry.names():
+            cls = registry.get(name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            console.print(f"  {name:<16} {doc[0] if doc else ''}", highlight=False)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from vlkit.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe.to_yaml(), end="")
+    return 0
+
+
+def _cmd_data_demo(args: argparse.Namespace) -> int:
+    from vlkit.data.demo import build_demo
+
+    kwargs = {k: v for k, v in (("train_scenes", args.train_scenes), ("val_scenes", args.val_scenes)) if v}
+    index = build_demo(args.out, seed=args.seed, overwrite=args.overwrite, **kwargs)
+    splits = ", ".join(f"{s}: {v['samples']} samples" for s, v in index["splits"].items())
+    console.print(f"demo dataset written to {args.out} ({splits})")
+    return 0
+
+
+def _cmd_data_llava(args: argparse.Namespace) -> int:
+    from vlkit.data.llava import convert_llava
+
+    index = convert_llava(args.json, args.image_dir, args.out, val_fraction=args.val_fraction,
+                          overwrite=args.overwrite, strict=args.strict)
+    splits = ", ".join(f"{s}: {v['samples']} samples" for s, v in index["splits"].items())
+    console.print(f"shards written to {args.out} ({splits})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlkit", description="Build and train vision-language models from "
+                                     "swappable parts described by YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="train a recipe (all its stages); rerun on the same run folder to resume",
+                       description="Train every stage of RECIPE. The run folder holds the resolved recipe, "
+                       "per-stage checkpoints, metrics.csv and summary.json; running again resumes.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<recipe name>)")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("validate", help="evaluate a trained run on its recipe's validation data",
+                       description="Loss and exact-match accuracy (overall and per question type) of the latest "
+                       "checkpoint in RUN_DIR, next to the majority-answer baseline.")
+    p.add_argument("run_dir", help="run folder written by vlkit fit")
+    p.add_argument("--out", help="also write the metrics as JSON to this file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("predict", help="answer questions about images with a trained run (JSON lines out)",
+                       description="Answer questions with the latest checkpoint in RUN_DIR. Input: --input "
+                       "FILE.jsonl with one {\"image\": path, \"question\": text} per line, or --image/--question.")
+    p.add_argument("run_dir", help="run folder written by vlkit fit")
+    p.add_argument("--input", help="JSON lines file of {image, question}")
+    p.add_argument("--image", help="one image file (with --question)")
+    p.add_argument("--question", help="one question")
+    p.add_argument("--out", help="output JSON lines file (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("list", help="list registered encoders, fusions, llms and datasets (plugins included)")
+    p.add_argument("kind", nargs="?", choices=["encoders", "fusions", "llms", "datasets"])
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("config", help="print the resolved, validated recipe (after base: and overrides)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=_cmd_config)
+
+    data = sub.add_parser("data", help="build datasets: the offline demo, or shards from LLaVA-format JSON")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = dsub.add_parser("demo", help="build the offline demo dataset (shapes VQA + digits) and its tokenizer")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train-scenes", type=int, default=None, help="number of training scenes")
+    p.add_argument("--val-scenes", type=int, default=None, help="number of validation scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.set_defaults(func=_cmd_data_demo)
+    p = dsub.add_parser("from-llava", help="convert LLaVA-format JSON + image folder into webdataset shards")
+    p.add_argument("json", help="LLaVA JSON file: a list of {id, image, conversations}")
+    p.add_argument("image_dir", help="folder the 'image' paths are relative to")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of samples held out as val")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad entry instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.set_defaults(func=_cmd_data_llava)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlkitError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

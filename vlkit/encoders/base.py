@@ -1,0 +1,59 @@
+"""The vision-encoder interface: pixels in, a dict of named feature streams ``(B, N, C)`` out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What pixels an encoder expects: square ``size`` and per-channel ``mean``/``std`` of [0, 1] pixels."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class VisionEncoder(nn.Module):
+    """Base class of registered vision encoders.
+
+    Subclasses define a dataclass ``Args`` (their recipe arguments), are built as ``cls(args)``, and
+    implement :meth:`forward` on pixels already resized and normalised per :attr:`preprocess`.
+    Freezing is decided by the training stage (``requires_grad``), never inside ``forward``.
+    """
+
+    stream_dims: dict[str, int]
+    """Channel width of each stream this encoder returns, e.g. ``{"tokens": 768}``."""
+    num_tokens: int
+    """Tokens per stream (N)."""
+    preprocess: Preprocess
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Resize ``(B, 3, H, W)`` pixels in [0, 1] to this encoder's size and normalise them."""
+        size = self.preprocess.size
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False,
+                                   antialias=True).clamp_(0, 1)
+        mean = pixels.new_tensor(self.preprocess.mean).view(1, 3, 1, 1)
+        std = pixels.new_tensor(self.preprocess.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preprocess [0, 1] pixels and return the named streams."""
+        return self(self.prepare(pixels))

@@ -1,0 +1,128 @@
+"""What trains in a stage: freezing by part or module path, the parameter table, optimizer groups, schedule."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from vlkit.config import StageConfig
+from vlkit.errors import RecipeError
+
+
+def _module_paths(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _resolve(model: nn.Module, path: str, key: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if path not in modules:
+        top = [p for p in _module_paths(model) if p.count(".") <= 1]
+        close = difflib.get_close_matches(path, _module_paths(model), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise RecipeError(f"no part or module {path!r} in the model.{hint} Parts: {', '.join(top)}", key)
+    return modules[path]
+
+
+def apply_trainable(model: nn.Module, stage: StageConfig, where: str = "stages") -> None:
+    """Freeze everything, then unfreeze the parts/modules the stage lists in ``trainable``."""
+    model.requires_grad_(False)
+    for i, path in enumerate(stage.trainable):
+        _resolve(model, path, f"{where}.trainable[{i}]").requires_grad_(True)
+    for path in stage.lrs:
+        _resolve(model, path, f"{where}.lrs.{path}")
+
+
+def _longest_prefix(name: str, prefixes: Sequence[str]) -> str | None:
+    best = None
+    for p in prefixes:
+        if (name == p or name.startswith(p + ".")) and (best is None or len(p) > len(best)):
+            best = p
+    return best
+
+
+def param_groups(model: nn.Module, stage: StageConfig) -> list[dict]:
+    """AdamW groups: one per (learning rate, decay/no-decay); only trainable parameters appear.
+
+    Biases and normalisation weights (tensors with < 2 dims) get no weight decay.
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefix = _longest_prefix(name, list(stage.lrs))
+        lr = stage.lrs[prefix] if prefix is not None else stage.lr
+        decay = p.ndim >= 2 and stage.weight_decay > 0
+        groups.setdefault((lr, decay), []).append(p)
+    if not groups:
+        raise RecipeError(f"stage {stage.name!r} has no trainable parameters", "stages.trainable")
+    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": stage.weight_decay if decay else 0.0}
+            for (lr, decay), ps in groups.items()]
+
+
+def lr_lambda(stage: StageConfig):
+    """Multiplier of the base learning rate at optimizer step ``step``: linear warmup, then the schedule."""
+    total = stage.max_steps
+    warmup = int(stage.warmup * total) if stage.warmup < 1 else int(stage.warmup)
+    floor = stage.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if stage.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if stage.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class PartCount:
+    part: str
+    total: int
+    trainable: int
+
+
+def count_parts(model: nn.Module) -> list[PartCount]:
+    """Trainable vs total parameters per encoder, fusion and LLM."""
+    parts: list[tuple[str, nn.Module]] = []
+    encoders = getattr(model, "encoders", None)
+    if isinstance(encoders, nn.ModuleDict):
+        parts += [(f"encoders.{k}", m) for k, m in encoders.items()]
+    parts += [(n, m) for n, m in model.named_children() if n != "encoders"]
+    rows = []
+    for name, module in parts:
+        ps = list(module.parameters())
+        rows.append(PartCount(name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
+    return rows
+
+
+def print_param_table(model: nn.Module, stage: StageConfig, console: Console | None = None) -> list[PartCount]:
+    """Print (and return) the table of trainable vs frozen parameters per part for a stage."""
+    rows = count_parts(model)
+    table = Table(title=f"stage {stage.name!r}: what trains")
+    for col in ("part", "parameters", "trainable", "frozen", "status"):
+        table.add_column(col, justify="left" if col in ("part", "status") else "right")
+    for r in rows:
+        status = "train" if r.trainable == r.total else ("frozen" if r.trainable == 0 else "partial")
+        table.add_row(r.part, f"{r.total:,}", f"{r.trainable:,}", f"{r.total - r.trainable:,}", status)
+    total = sum(r.total for r in rows)
+    train = sum(r.trainable for r in rows)
+    table.add_row("total", f"{total:,}", f"{train:,}", f"{total - train:,}", "", style="bold")
+    (console or Console()).print(table)
+    return rows
+
+
+def build_optimizer(model: nn.Module, stage: StageConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters only, with the stage's warmup + schedule (stepped per step)."""
+    opt = torch.optim.AdamW(param_groups(model, stage), betas=tuple(stage.betas))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage))
