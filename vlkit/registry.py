@@ -115,7 +115,12 @@ class Registry:
         except RecipeError as exc:
             raise RecipeError(exc.message, f"{where}.name" if where else None) from None
         body = {k: v for k, v in cfg.items() if k != "name"}
-        return to_dataclass(cls.Args, body, where)
+        try:
+            return to_dataclass(cls.Args, body, where)
+        except RecipeError as exc:
+            if exc.key is None and where:  # raised by the part's own checks (e.g. in __post_init__)
+                raise RecipeError(exc.message, where) from None
+            raise
 
     def build(self, cfg: Mapping[str, Any], where: str = "", **context: Any) -> Any:
         """Validate ``cfg`` and construct the part: ``cls(args, **context)``."""

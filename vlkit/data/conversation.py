@@ -42,9 +42,10 @@ def messages_from_llava(conversations: Sequence[dict]) -> list[Message]:
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "value" not in turn or ("from" not in turn and "role" not in turn):
             raise DataError(f"conversations[{i}] must be an object with 'from' and 'value', got {turn!r}")
-        role = _LLAVA_ROLES.get(str(turn.get("from", turn.get("role"))).lower())
+        speaker = turn.get("from", turn.get("role"))
+        role = _LLAVA_ROLES.get(str(speaker).lower())
         if role is None:
-            raise DataError(f"conversations[{i}]: unknown speaker {turn.get('from')!r} "
+            raise DataError(f"conversations[{i}]: unknown speaker {speaker!r} "
                             f"(expected one of {sorted(_LLAVA_ROLES)})")
         if not isinstance(turn["value"], str):
             raise DataError(f"conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
@@ -111,6 +112,9 @@ class FormatTemplate(ChatTemplate):
         return list(self.stop) or super().stop_strings(tokenizer)
 
 
+_SENTINEL = "\uE000vlkit-content\uE000"  # private-use characters: never in a real message
+
+
 class TokenizerTemplate(ChatTemplate):
     """The tokenizer's own Jinja chat template, split into per-message segments.
 
@@ -137,11 +141,17 @@ class TokenizerTemplate(ChatTemplate):
                 )
             return full[len(prefix):]
 
+        def opening_header(m: Message) -> str:
+            # Templates refuse an empty conversation, so the header of an opening assistant turn is the
+            # text before its content in a one-message render.
+            text = render([Message(m.role, _SENTINEL)], False)
+            return text[: text.index(_SENTINEL)] if _SENTINEL in text else ""
+
         segs: list[tuple[str, bool, int]] = []
         prev = ""
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                header = render(messages[:i], True)
+                header = render(messages[:i], True) if i else opening_header(m)
                 segs.append((suffix(header, prev), False, i))
                 prev = header
             full = render(messages[: i + 1], False)

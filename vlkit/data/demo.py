@@ -1,0 +1,476 @@
+"""The offline demo dataset: procedurally drawn shape scenes and handwritten digits, plus its tokenizer.
+
+Small enough that a tiny VLM trained from scratch on a laptop CPU learns it in minutes, and built
+without any download (digits come with scikit-learn). Every scene is drawn on white: one to three
+non-overlapping shapes, each with a distinct (shape, colour) pair and one per horizontal third of the
+image. Questions have one-word, lower-case answers:
+
+==========  ==================================  =================================
+type        question                            answers
+==========  ==================================  =================================
+color       What color is the circle?           red, green, blue, yellow, ...
+shape       What shape is the red object?       circle, square, triangle, cross
+count       How many shapes are there?          one, two, three
+presence    Is there a blue square?             yes, no
+position    Where is the green triangle?        left, middle, right
+digit       What digit is this?                 0 ... 9
+==========  ==================================  =================================
+
+Training samples are multi-turn (3-5 questions about one scene, task ``vqa``), captions ("Describe the
+image." -> "a red circle on the left and a blue square on the right.", task ``caption``) and single-turn
+digits (held-out digit images never appear in training). Validation samples ask one question each, with
+the answers of every type exactly balanced, so a model that ignores the image scores about 0.28.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from vlkit.data.shards import SplitWriter, prepare_out_dir, write_index
+from vlkit.errors import DataError
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 225),
+    "yellow": (235, 195, 0),
+    "purple": (140, 50, 190),
+    "orange": (255, 125, 0),
+}
+POSITIONS: tuple[str, ...] = ("left", "middle", "right")
+COUNTS: tuple[str, ...] = ("one", "two", "three")
+SCENE_TYPES: tuple[str, ...] = ("color", "shape", "count", "presence", "position")
+QUESTION_TYPES: tuple[str, ...] = (*SCENE_TYPES, "digit")
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "presence": ("yes", "no"),
+    "position": POSITIONS,
+    "digit": tuple(str(d) for d in range(10)),
+}
+"""Every possible answer of each question type."""
+DIGIT_QUESTION = "What digit is this?"
+CAPTION_QUESTION = "Describe the image."
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message."""
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: ``a red``, ``an orange``."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+_PLACE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+_SUPERSAMPLE = 2
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object of a scene: its shape, colour and horizontal third (0 left, 1 middle, 2 right)."""
+
+    shape: str
+    color: str
+    slot: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.slot]
+
+
+@dataclass
+class Scene:
+    """1-3 shapes with distinct (shape, colour) pairs, one per third; ``geometry`` jitters the drawing."""
+
+    objects: list[Shape]
+    geometry: list[tuple[float, float, float]] = field(default_factory=list)
+    """Per object: (x jitter, vertical centre, size), as fractions of the image size."""
+
+    def combos(self) -> set[tuple[str, str]]:
+        return {(o.shape, o.color) for o in self.objects}
+
+
+def _scene(rng: random.Random, n: int, required: tuple[str, str] | None = None,
+           required_slot: int | None = None, allow: Any = None) -> Scene:
+    """A random scene of ``n`` objects, containing ``required`` (at ``required_slot`` if given); every
+    other object satisfies ``allow(shape, color)``."""
+    combos = [(s, c) for s in SHAPES for c in COLORS
+              if (s, c) != required and (allow is None or allow(s, c))]
+    picked = ([required] if required else []) + rng.sample(combos, n - (1 if required else 0))
+    if required is not None and required_slot is not None:
+        slots = [required_slot, *rng.sample([s for s in range(3) if s != required_slot], n - 1)]
+    else:
+        slots = rng.sample(range(3), n)
+    objects = [Shape(s, c, slot) for (s, c), slot in zip(picked, slots)]
+    geometry = [(rng.uniform(-0.02, 0.02), rng.uniform(0.3, 0.7), rng.uniform(0.24, 0.3)) for _ in objects]
+    order = sorted(range(n), key=lambda i: objects[i].slot)
+    return Scene([objects[i] for i in order], [geometry[i] for i in order])
+
+
+def draw_scene(scene: Scene, size: int = 64) -> Image.Image:
+    """Render a scene (drawn at 2x and downsampled, so edges are smooth)."""
+    big = size * _SUPERSAMPLE
+    image = Image.new("RGB", (big, big), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for obj, (dx, cy, s) in zip(scene.objects, scene.geometry):
+        x = ((obj.slot + 0.5) / 3 + dx) * big
+        y = cy * big
+        r = s * big / 2
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif obj.shape == "square":
+            q = r * 0.86
+            draw.rectangle((x - q, y - q, x + q, y + q), fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
+        elif obj.shape == "cross":
+            t = r * 0.36
+            draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
+            draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+        else:  # pragma: no cover - SHAPES is fixed
+            raise ValueError(obj.shape)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def caption(scene: Scene) -> str:
+    """``a red circle on the left, an orange square in the middle and a green cross on the right.``"""
+    parts = [f"{_a(o.color)} {o.shape} {_PLACE[o.position]}" for o in scene.objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def _question(kind: str, scene: Scene, rng: random.Random, answer: str | None = None) -> tuple[str, str] | None:
+    """A (question, answer) of type ``kind`` about ``scene`` (None if the scene cannot support one).
+    ``answer`` forces the presence answer (``yes``/``no``)."""
+    objs = scene.objects
+    if kind == "color":
+        shapes = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not shapes:
+            return None
+        o = rng.choice(shapes)
+        return f"What color is the {o.shape}?", o.color
+    if kind == "shape":
+        colors = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
+        if not colors:
+            return None
+        o = rng.choice(colors)
+        return f"What shape is the {o.color} object?", o.shape
+    if kind == "count":
+        return "How many shapes are there?", COUNTS[len(objs) - 1]
+    if kind == "presence":
+        yes = (rng.random() < 0.5) if answer is None else answer == "yes"
+        if yes:
+            o = rng.choice(objs)
+            return f"Is there {_a(o.color)} {o.shape}?", "yes"
+        s, c = rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in scene.combos()])
+        return f"Is there {_a(c)} {s}?", "no"
+    if kind == "position":
+        o = rng.choice(objs)
+        return f"Where is the {o.color} {o.shape}?", o.position
+    raise ValueError(kind)
+
+
+def _val_scene(kind: str, j: int, rng: random.Random) -> tuple[Scene, str, str]:
+    """The ``j``-th validation scene of type ``kind``; answers cycle so every answer is equally frequent."""
+    answers = ANSWERS[kind]
+    answer = answers[j % len(answers)]
+    n = rng.randint(1, 3)
+    if kind == "color":
+        s = rng.choice(SHAPES)
+        scene = _scene(rng, n, (s, answer), allow=lambda s2, c2: s2 != s)
+        return scene, f"What color is the {s}?", answer
+    if kind == "shape":
+        c = rng.choice(list(COLORS))
+        scene = _scene(rng, n, (answer, c), allow=lambda s2, c2: c2 != c)
+        return scene, f"What shape is the {c} object?", answer
+    if kind == "count":
+        scene = _scene(rng, COUNTS.index(answer) + 1)
+        return scene, "How many shapes are there?", answer
+    if kind == "presence":
+        s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
+        if answer == "yes":
+            scene = _scene(rng, n, (s, c))
+        else:
+            scene = _scene(rng, n, allow=lambda s2, c2: (s2, c2) != (s, c))
+        return scene, f"Is there {_a(c)} {s}?", answer
+    if kind == "position":
+        s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
+        scene = _scene(rng, n, (s, c), required_slot=POSITIONS.index(answer))
+        return scene, f"Where is the {c} {s}?", answer
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+def _digits() -> tuple[Any, Any]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target
+
+
+def draw_digit(pixels: Any, size: int = 64, shift: tuple[int, int] = (0, 0)) -> Image.Image:
+    """An 8x8 scikit-learn digit (0..16 ink) as a dark digit on white, greyscale, upscaled to ``size``
+    with nearest-neighbour (crisp blocks: every original pixel kept), optionally shifted by ``shift``."""
+    import numpy as np
+
+    grey = (255 - np.clip(np.asarray(pixels, dtype=np.float64), 0, 16) * (255 / 16)).round().astype(np.uint8)
+    up = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.NEAREST)
+    if shift != (0, 0):
+        canvas = Image.new("L", (size, size), 255)
+        canvas.paste(up, shift)
+        up = canvas
+    return up
+
+
+def _split_digits(targets: Any, n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """Held-out digit indices (``n_val``, balanced over the 10 classes) and the training indices."""
+    order = list(range(len(targets)))
+    random.Random(f"vlkit-digits:{seed}").shuffle(order)
+    val: list[int] = []
+    by_class: dict[int, list[int]] = {d: [i for i in order if int(targets[i]) == d] for d in range(10)}
+    for j in range(n_val):
+        d = j % 10
+        if by_class[d]:
+            val.append(by_class[d].pop(0))
+    held = set(val)
+    return val, [i for i in order if i not in held]
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def _grammar_texts() -> Iterable[str]:
+    """Every word the questions, answers and captions can use (so a small build has a full vocabulary)."""
+    yield "system user assistant"
+    yield DIGIT_QUESTION
+    yield CAPTION_QUESTION
+    yield "How many shapes are there?"
+    for kind, answers in ANSWERS.items():
+        yield kind + " " + " ".join(answers)
+    for s in SHAPES:
+        yield f"What color is the {s}?"
+        for c in COLORS:
+            yield f"What shape is the {c} object? Is there {_a(c)} {s}? Where is the {c} {s}?"
+    yield "a red circle on the left, a blue square in the middle and a green cross on the right."
+
+
+def build_tokenizer(texts: Iterable[str], out: Path) -> Any:
+    """Train a word-level tokenizer on ``texts`` and save it (transformers format, ChatML chat template).
+
+    Lower-cases; splits on whitespace and punctuation; special tokens ``<pad> <unk> <s> </s> <|im_start|>
+    <|im_end|>`` (end of turn = eos). Decoding joins words with spaces (no space before punctuation).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.WordLevelTrainer(vocab_size=1 << 20, min_frequency=1, show_progress=False,
+                                        special_tokens=list(SPECIAL_TOKENS))
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+        additional_special_tokens=["</s>", "<|im_start|>"], chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False, model_max_length=512,
+    )
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Raise :class:`DataError` unless the demo tokenizer works with vlkit's chat templates and keeps every
+    answer a single token that decodes back to itself."""
+    from vlkit.data.conversation import Message, get_template, tokenize_conversation
+
+    messages = [Message("user", "<image>\nWhat color is the circle?"), Message("assistant", "red")]
+    rendered = [tokenize_conversation(messages, tokenizer, get_template(name, tokenizer), 2)
+                for name in ("auto", "chatml")]
+    if rendered[0] != rendered[1]:
+        raise DataError("demo tokenizer: its chat template and the built-in chatml template disagree")
+    for answers in ANSWERS.values():
+        for answer in answers:
+            ids = tokenizer.encode(answer, add_special_tokens=False)
+            if len(ids) != 1 or ids[0] == tokenizer.unk_token_id or tokenizer.decode(ids) != answer:
+                raise DataError(f"demo tokenizer: answer {answer!r} is not one known token ({ids})")
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+@dataclass
+class _Sample:
+    key: str
+    meta: dict[str, Any]
+    scene: Scene | None = None
+    digit: int | None = None
+    shift: tuple[int, int] = (0, 0)
+
+
+def _conversation(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def _train_samples(rng: random.Random, scenes: int, digit_ids: list[int], targets: Any, digit_repeats: int,
+                   caption_every: int, image_size: int) -> list[_Sample]:
+    samples: list[_Sample] = []
+    for i in range(scenes):
+        scene = _scene(rng, rng.randint(1, 3))
+        if caption_every and i % caption_every == 0:
+            meta = {"conversations": _conversation([(CAPTION_QUESTION, caption(scene))]), "type": "caption",
+                    "task": "caption"}
+        else:
+            kinds = list(SCENE_TYPES)
+            rng.shuffle(kinds)
+            k = rng.randint(3, 5)
+            turns: list[tuple[str, str]] = []
+            types: list[str] = []
+            for kind in kinds:
+                qa = _question(kind, scene, rng)
+                if qa is not None and len(turns) < k:
+                    turns.append(qa)
+                    types.append(kind)
+            meta = {"conversations": _conversation(turns), "types": types, "task": "vqa"}
+        samples.append(_Sample(f"scene{i:07d}", meta, scene=scene))
+    max_shift = max(1, round(2 * image_size / 64))
+    for r in range(digit_repeats):
+        for idx in digit_ids:
+            shift = (0, 0) if r == 0 else (rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift))
+            meta = {"conversations": _conversation([(DIGIT_QUESTION, str(int(targets[idx])))]), "type": "digit",
+                    "task": "vqa", "source": f"sklearn-digits/{idx}"}
+            samples.append(_Sample(f"digit{idx:04d}r{r}", meta, digit=idx, shift=shift))
+    rng.shuffle(samples)
+    return samples
+
+
+def _val_samples(rng: random.Random, per_type: int, digit_ids: list[int], targets: Any) -> list[_Sample]:
+    samples: list[_Sample] = []
+    for kind in SCENE_TYPES:
+        for j in range(per_type):
+            scene, question, answer = _val_scene(kind, j, rng)
+            meta = {"conversations": _conversation([(question, answer)]), "type": kind, "task": "vqa"}
+            samples.append(_Sample(f"{kind}{j:06d}", meta, scene=scene))
+    for idx in digit_ids:
+        meta = {"conversations": _conversation([(DIGIT_QUESTION, str(int(targets[idx])))]), "type": "digit",
+                "task": "vqa", "source": f"sklearn-digits/{idx}"}
+        samples.append(_Sample(f"digit{idx:04d}", meta, digit=idx))
+    rng.shuffle(samples)
+    return samples
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 1500, seed: int = 0,
+               image_size: int = 64, shards: int = 4, overwrite: bool = False, digit_repeats: int = 4,
+               caption_fraction: float = 0.2, progress: bool = True) -> dict[str, Any]:
+    """Write the demo dataset to ``out`` and return its index (also written as ``out/index.json``).
+
+    ``out`` receives ``train-000000.tar`` ... (``shards`` of them), ``val-000000.tar``, ``tokenizer/``
+    and, last, ``index.json``.
+
+    - ``train_scenes`` scenes, of which ``caption_fraction`` become caption samples and the rest
+      3-5-question conversations; plus every training digit ``digit_repeats`` times (copies after the
+      first are shifted by up to 2 px).
+    - ``val_scenes`` single-question samples, ``val_scenes // 5`` of each scene question type, plus as many
+      held-out digits (up to 600), all with exactly balanced answers.
+
+    Refuses a non-empty ``out`` unless ``overwrite``.
+    """
+    if train_scenes < 1 or val_scenes < 5:
+        raise DataError(f"need train_scenes >= 1 and val_scenes >= 5, got {train_scenes} and {val_scenes}")
+    if shards < 1:
+        raise DataError(f"shards must be at least 1, got {shards}")
+    if image_size < 16:
+        raise DataError(f"image_size must be at least 16, got {image_size}")
+    if not 0 <= caption_fraction <= 1:
+        raise DataError(f"caption_fraction must be in [0, 1], got {caption_fraction}")
+    start = time.time()
+    out = prepare_out_dir(out, overwrite)
+    rng = random.Random(f"vlkit-demo:{seed}")
+    images, targets = _digits()
+    per_type = val_scenes // 5
+    val_digits, train_digits = _split_digits(targets, min(per_type, 600), seed)
+    caption_every = round(1 / caption_fraction) if caption_fraction > 0 else 0
+    train = _train_samples(rng, train_scenes, train_digits, targets, digit_repeats, caption_every, image_size)
+    val = _val_samples(rng, per_type, val_digits, targets)
+
+    def texts() -> Iterable[str]:
+        yield from _grammar_texts()
+        for s in (*train, *val):
+            for turn in s.meta["conversations"]:
+                yield turn["value"].replace("<image>", " ")
+
+    tokenizer = build_tokenizer(texts(), out / ".tokenizer.tmp")
+    check_tokenizer(tokenizer)
+
+    splits: dict[str, Any] = {}
+    plan = [("train", train, -(-len(train) // shards)), ("val", val, len(val))]
+    with _progress(progress) as bar:
+        for split, samples, shard_size in plan:
+            task = bar.add_task(f"writing {split}", total=len(samples)) if bar is not None else None
+            writer = SplitWriter(out, split, shard_size)
+            try:
+                for s in samples:
+                    if s.scene is not None:
+                        image = draw_scene(s.scene, image_size)
+                    else:
+                        image = draw_digit(images[s.digit], image_size, s.shift)
+                    writer.write(s.key, s.meta, _png(image), "png")
+                    if bar is not None:
+                        bar.advance(task)
+            except BaseException:
+                writer.abort()
+                raise
+            splits[split] = writer.close()
+    (out / ".tokenizer.tmp").replace(out / "tokenizer")
+    index = {
+        "splits": splits,
+        "tokenizer": "tokenizer",
+        "builder": {"name": "vlkit data demo", "seed": seed, "image_size": image_size,
+                    "train_scenes": train_scenes, "val_scenes": val_scenes, "digit_repeats": digit_repeats,
+                    "caption_fraction": caption_fraction, "seconds": round(time.time() - start, 1)},
+        "answers": {k: list(v) for k, v in ANSWERS.items()},
+    }
+    write_index(out, index)
+    return index
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+__all__ = ["ANSWERS", "CHAT_TEMPLATE", "COLORS", "POSITIONS", "QUESTION_TYPES", "SHAPES", "Scene", "Shape",
+           "build_demo", "build_tokenizer", "caption", "check_tokenizer", "draw_digit", "draw_scene"]
