@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,40 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     build_demo(out, train_scenes=300, val_scenes=300, seed=0, shards=4, digit_repeats=1, progress=False)
     return out
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_RECIPE = """\
+seed: 0
+model:
+  encoders:
+    - name: clip
+      config:
+        embed_dim: 32
+        vision_cfg: {{image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2}}
+  fusion: {{name: mlp, projector: mlp2x_gelu}}
+  llm:
+    name: hf_causal
+    tokenizer: {demo}/tokenizer
+    chat_template: auto
+    config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+             num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}}
+data:
+  train: {{name: shards, urls: "{demo}/train-{{000000..000003}}.tar", batch_size: 8, num_workers: 0}}
+  val: {{name: shards, urls: "{demo}/val-000000.tar", batch_size: 32, num_workers: 0}}
+stages:
+  - {{name: align, trainable: [fusion], lr: 1.0e-3, max_steps: 3}}
+  - {{name: tune, trainable: [fusion, llm], lr: 1.0e-3, max_steps: 4}}
+eval: {{max_samples: 32, max_new_tokens: 3}}
+trainer: {{accelerator: cpu, progress_bar: false, checkpoint_every: 2, log_every_n_steps: 1}}
+"""
+
+
+@pytest.fixture()
+def tiny_recipe(demo_dir: Path, tmp_path: Path) -> Path:
+    """A two-stage recipe of tiny random-init parts on the demo data (seconds per stage on CPU)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(demo=demo_dir))
+    return path

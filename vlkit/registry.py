@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import pkgutil
 import warnings
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
@@ -29,10 +30,12 @@ T = TypeVar("T", bound=type)
 class Registry:
     """An index of named part classes of one kind (e.g. all vision encoders)."""
 
-    def __init__(self, kind: str, group: str, builtin_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, group: str, package: str | None = None) -> None:
+        """``package``: every public module in it is imported on first lookup for its registrations, so a
+        built-in part is one file with an ``@register`` and nothing else to edit."""
         self.kind = kind
         self.group = group
-        self._builtin_modules = builtin_modules
+        self._package = package
         self._classes: dict[str, type] = {}
         self._loaded = False
 
@@ -59,8 +62,11 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        for module in self._builtin_modules:
-            importlib.import_module(module)
+        if self._package is not None:
+            package = importlib.import_module(self._package)
+            for info in pkgutil.iter_modules(package.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{self._package}.{info.name}")
         for ep in entry_points(group=self.group):
             try:
                 obj = ep.load()
@@ -128,16 +134,10 @@ class Registry:
         return self.get(cfg["name"])(args, **context)
 
 
-ENCODERS = Registry(
-    "encoder", "vlkit.encoders", ("vlkit.encoders.clip", "vlkit.encoders.dinov2")
-)
-FUSIONS = Registry(
-    "fusion",
-    "vlkit.fusions",
-    ("vlkit.fusions.linear", "vlkit.fusions.mlp", "vlkit.fusions.token_concat"),
-)
-LLMS = Registry("llm", "vlkit.llms", ("vlkit.llms.hf_causal",))
-DATASETS = Registry("dataset", "vlkit.datasets", ("vlkit.data.shards",))
+ENCODERS = Registry("encoder", "vlkit.encoders", "vlkit.encoders")
+FUSIONS = Registry("fusion", "vlkit.fusions", "vlkit.fusions")
+LLMS = Registry("llm", "vlkit.llms", "vlkit.llms")
+DATASETS = Registry("dataset", "vlkit.datasets", "vlkit.data")
 
 REGISTRIES: dict[str, Registry] = {
     "encoders": ENCODERS,

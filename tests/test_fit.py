@@ -1,0 +1,136 @@
+"""Training through the public API and CLI: stages, run folder, resume, validation, predict."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+import vlkit
+from vlkit.cli import main
+from vlkit.errors import CheckpointError
+
+
+class Crash(Callback):
+    """Simulates a crash (e.g. a lost machine) at a given step of a given stage."""
+
+    def __init__(self, stage: str, step: int) -> None:
+        self.stage, self.step = stage, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class Probe(Callback):
+    """Records where a stage starts and its optimizer state at that point."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, tuple[int, dict]] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        state = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors keep training
+        self.starts[pl_module.stage.name] = (trainer.global_step, state)
+
+
+def test_fit_resumes_from_the_last_checkpoint_with_optimizer_state(tiny_recipe: Path, tmp_path: Path):
+    recipe = vlkit.load_recipe(tiny_recipe)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        vlkit.fit(recipe, run, callbacks=[Crash("tune", 3)])
+    assert (run / "stage0-align" / "done.json").exists()
+    assert not (run / "stage1-tune" / "done.json").exists()
+    saved = torch.load(run / "stage1-tune" / "last" / "state.pt", weights_only=True)
+    assert saved["global_step"] == 2  # checkpoint_every: 2
+
+    probe = Probe()
+    summary = vlkit.fit(vlkit.load_recipe(tiny_recipe), run, callbacks=[probe])
+    assert "align" not in probe.starts  # finished stage is skipped
+    step, opt_state = probe.starts["tune"]
+    assert step == 2
+    saved_opt = saved["optimizer_states"][0]["state"]
+    assert saved_opt and set(saved_opt) == set(opt_state["state"])
+    for k, v in saved_opt.items():
+        assert torch.equal(v["exp_avg"], opt_state["state"][k]["exp_avg"])
+        assert torch.equal(v["exp_avg_sq"], opt_state["state"][k]["exp_avg_sq"])
+
+    tune = json.loads((run / "stage1-tune" / "done.json").read_text())
+    assert tune["steps"] == 4
+    # metrics.csv continues after the resume point
+    with open(run / "stage1-tune" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert max(steps) == 3
+    # the summary holds overall and per-type accuracy next to the majority baseline
+    written = json.loads((run / "summary.json").read_text())
+    assert written["val"] == summary["val"]
+    for key in ("val/loss", "val/accuracy", "val/baseline", "val/accuracy/digit", "val/baseline/count"):
+        assert key in summary["val"], key
+    assert 0.15 < summary["val"]["val/baseline"] < 0.45
+    # frozen stage: only the fusion changed between the start and the end of stage 0
+    state = vlkit.training.checkpoint.read_weights(run / "stage0-align" / "last")
+    assert any(k.startswith("model.fusion.") for k in state)
+
+
+def test_run_folder_from_another_recipe_is_refused(tiny_recipe: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    vlkit.fit(vlkit.load_recipe(tiny_recipe, ["stages=[{name: a, trainable: [fusion], max_steps: 1}]"]), run)
+    before = (run / "recipe.yaml").read_text()
+    with pytest.raises(CheckpointError, match="different recipe"):
+        vlkit.fit(vlkit.load_recipe(tiny_recipe, ["stages=[{name: a, trainable: [fusion], max_steps: 2}]"]), run)
+    assert (run / "recipe.yaml").read_text() == before
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a vlkit run folder"):
+        vlkit.fit(vlkit.load_recipe(tiny_recipe), other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_fit_validate_predict(tiny_recipe: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(tiny_recipe), "stages.1.max_steps=2", "--run-dir", str(run)]) == 0
+    assert main(["validate", str(run), "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["val/count"] == 32  # eval.max_samples
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": str(img), "question": "What color is the square?"}) + "\n"
+                         + json.dumps({"question": "How many shapes are there?"}) + "\n")
+    out = tmp_path / "a.jsonl"
+    assert main(["predict", str(run), "--input", str(questions), "--out", str(out)]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question"] for a in answers] == ["What color is the square?", "How many shapes are there?"]
+    assert all(isinstance(a["answer"], str) for a in answers)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), "--input", str(bad)]) == 2
+    assert f"{bad}:1" in capsys.readouterr().err
+
+
+def test_cli_config_list_and_errors(tiny_recipe: Path, capsys):
+    assert main(["config", str(tiny_recipe), "model.fusion.name=token_concat"]) == 0
+    out = capsys.readouterr().out
+    assert "name: token_concat" in out and "schedule: cosine" in out
+    assert main(["list", "fusions"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("linear", "mlp", "token_concat"))
+    assert main(["config", str(tiny_recipe), "model.fusion.name=nope"]) == 2
+    assert "unknown fusion 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_help_for_every_command():
+    for cmd in ([], ["fit"], ["validate"], ["predict"], ["list"], ["config"], ["data"], ["data", "demo"],
+                ["data", "from-llava"]):
+        res = subprocess.run([sys.executable, "-m", "vlkit.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "usage: vlkit" in res.stdout, (cmd, res.stderr)

@@ -1,0 +1,110 @@
+"""The VLM: token splicing, label masks, freezing, text-only samples, generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vlkit
+from vlkit.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, Message
+from vlkit.training.stages import apply_trainable, build_optimizer, count_parts
+
+
+@pytest.fixture()
+def model(tiny_recipe: Path) -> vlkit.VLM:
+    torch.manual_seed(0)
+    return vlkit.build_model(vlkit.load_recipe(tiny_recipe))
+
+
+def image(color: str = "red") -> Image.Image:
+    return Image.new("RGB", (64, 64), color)
+
+
+def test_visual_tokens_are_spliced_at_the_placeholder(model: vlkit.VLM):
+    proc = model.processor()
+    conv = [Message("user", "What color is the <image> square?"), Message("assistant", "red")]
+    feats = proc.train_features(conv, image())
+    ids = torch.tensor(feats["input_ids"])
+    slots = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    assert len(slots) == model.num_image_tokens == 16  # 32 px / patch 8 -> 4x4 grid
+    assert torch.equal(slots, torch.arange(slots[0], slots[0] + 16))  # one contiguous run
+    labels = torch.tensor(feats["labels"])
+    assert (labels[slots] == IGNORE_INDEX).all()
+    trained = model.llm.tokenizer.decode(labels[labels != IGNORE_INDEX])
+    assert trained.split()[0] == "red"  # only the assistant answer (+ end of turn) trains
+
+    batch = proc.collate([feats])
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    visual = model.encode_images(batch["pixel_values"])
+    assert torch.allclose(embeds[0, slots], visual[0])
+    text_pos = (ids != IMAGE_TOKEN_ID).nonzero().flatten()
+    assert torch.allclose(embeds[0, text_pos], model.llm.embed(ids[text_pos].unsqueeze(0))[0])
+
+
+def test_mixed_batch_with_text_only_sample(model: vlkit.VLM):
+    proc = model.processor()
+    with_img = proc.train_features([Message("user", "<image>\nWhat digit is this?"),
+                                    Message("assistant", "3")], image("white"))
+    text_only = proc.train_features([Message("user", "How many shapes are there?"),
+                                     Message("assistant", "two")], None)
+    batch = proc.collate([text_only, with_img])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.fusion.projector[0].weight.grad is not None
+    with pytest.raises(ValueError, match="do not fill"):
+        model.embed(batch["input_ids"], torch.cat([batch["pixel_values"]] * 2))
+
+
+def test_frozen_parts_get_no_grad_and_no_optimizer_state(model: vlkit.VLM, tiny_recipe: Path):
+    recipe = vlkit.load_recipe(tiny_recipe, ["stages.0.trainable=[fusion,llm.model.model.layers.0]"])
+    apply_trainable(model, recipe.stages[0])
+    proc = model.processor()
+    batch = proc.collate([proc.train_features([Message("user", "<image>\nWhat color is the circle?"),
+                                               Message("assistant", "blue")], image("blue"))])
+    model(**batch).loss.backward()
+    for name, p in model.named_parameters():
+        trains = name.startswith(("fusion.", "llm.model.model.layers.0."))
+        assert p.requires_grad == trains, name
+        assert (p.grad is not None) == trains, name
+    opt, _ = build_optimizer(model, recipe.stages[0])
+    opt_params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in model.parameters() if p.requires_grad}
+    rows = {r.part: r for r in count_parts(model)}
+    assert rows["encoders.clip"].trainable == 0 and rows["fusion"].trainable == rows["fusion"].total
+    assert 0 < rows["llm"].trainable < rows["llm"].total
+
+
+def test_trainable_encoder_gets_gradients(model: vlkit.VLM, tiny_recipe: Path):
+    apply_trainable(model, vlkit.load_recipe(tiny_recipe, ["stages.0.trainable=[encoders]"]).stages[0])
+    proc = model.processor()
+    batch = proc.collate([proc.train_features([Message("user", "<image>\nWhat shape?"),
+                                               Message("assistant", "circle")], image())])
+    model(**batch).loss.backward()
+    grads = [p.grad for p in model.encoders.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_unknown_trainable_path_is_a_recipe_error(model: vlkit.VLM, tiny_recipe: Path):
+    stage = vlkit.load_recipe(tiny_recipe, ["stages.0.trainable=[fusoin]"]).stages[0]
+    with pytest.raises(vlkit.errors.RecipeError, match="no part or module 'fusoin'.*Did you mean 'fusion'"):
+        apply_trainable(model, stage)
+
+
+def test_per_part_learning_rates(model: vlkit.VLM, tiny_recipe: Path):
+    stage = vlkit.load_recipe(tiny_recipe, ["stages.1.lrs={fusion: 0.01}"]).stages[1]
+    apply_trainable(model, stage)
+    opt, _ = build_optimizer(model, stage)
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(lr_of[id(p)] == 0.01 for p in model.fusion.parameters())
+    assert all(lr_of[id(p)] == stage.lr for p in model.llm.parameters())
+
+
+def test_generate_answers_questions(model: vlkit.VLM):
+    answers = model.answer([image(), None], ["What color is it?", "How many shapes are there?"],
+                           max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
