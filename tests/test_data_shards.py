@@ -164,11 +164,17 @@ def test_val_batches_left_padded_with_answers(demo_dir: Path, processor: VLMProc
     assert [b["__key__"] for b in again] == [b["__key__"] for b in batches]
 
 
-def test_val_rank_without_shards_and_max_samples(demo_dir: Path, processor: VLMProcessor) -> None:
-    ds = dataset(demo_dir / "val-000000.tar", batch_size=16)
-    assert list(ds.val_loader(processor, rank=1, world_size=2)) == []
-    capped = list(ds.val_loader(processor, rank=0, world_size=2, max_samples=40))
-    assert sum(len(b["answer"]) for b in capped) == 20
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_val_shard_is_split_across_ranks_by_sample(demo_dir: Path, processor: VLMProcessor,
+                                                        workers: int) -> None:
+    ds = dataset(demo_dir / "val-000000.tar", batch_size=16, num_workers=workers)
+    keys = [[k for b in ds.val_loader(processor, rank=r, world_size=2, max_samples=40) for k in b["__key__"]]
+            for r in (0, 1)]
+    assert [len(k) for k in keys] == [20, 20] and not set(keys[0]) & set(keys[1])
+    whole = [k for b in ds.val_loader(processor) for k in b["__key__"]]
+    split = [k for b in (ds.val_loader(processor, rank=r, world_size=2) for r in (0, 1)) for x in b
+             for k in x["__key__"]]
+    assert sorted(split) == sorted(whole)  # every sample exactly once
 
 
 # -------------------------------------------------------------------------------------- corrupt samples

@@ -129,6 +129,28 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from vlkit.sweep import describe, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, out=args.out)  # validates every cell's recipe before anything runs
+    if args.dry_run:
+        describe(sweep, console)
+        return 0
+    try:
+        report = run_sweep(sweep, jobs=args.jobs, console=console)
+    except KeyboardInterrupt:
+        err_console.print(f"sweep interrupted; partial results in {sweep.out}. Run the same command again to "
+                          "complete the missing runs.")
+        return 130
+    files = ", ".join(str(f) for f in report.files.values())
+    console.print(f"results: {files}", highlight=False)
+    if report.failed:
+        err_console.print(f"[bold red]{len(report.failed)} of {len(report.results)} runs did not finish[/] "
+                          f"(see {report.files['md']} and the runs' .log files)", highlight=False)
+        return 1
+    return 0
+
+
 def _cmd_data_demo(args: argparse.Namespace) -> int:
     from vlkit.data.demo import build_demo
 
@@ -147,6 +169,25 @@ def _cmd_data_llava(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{s}: {v['samples']} samples" for s, v in index["splits"].items())
     console.print(f"shards written to {args.out} ({splits})")
     return 0
+
+
+def _cmd_mix_weights(args: argparse.Namespace) -> int:
+    from vlkit.training.mix import mix_weights
+
+    out = mix_weights(args.a, args.b, args.beta, args.out, only=args.only, overwrite=args.overwrite)
+    parts = f" (only {', '.join(args.only)}; the rest copied from A)" if args.only else ""
+    console.print(f"wrote {out}: {args.beta:g} * A + {1 - args.beta:g} * B{parts}", highlight=False)
+    return 0
+
+
+def _beta(value: str) -> float:
+    try:
+        beta = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= beta <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {beta:g}")
+    return beta
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_config)
 
+    p = sub.add_parser("sweep", help="train a grid of recipe overrides x seeds (resumable); tabulate and plot",
+                       description="Run every cell x seed of SWEEP (a YAML file naming a base recipe, a `grid:` "
+                       "or `cells:` of dotted overrides, `seeds:` and `metrics:`) as its own `vlkit fit` process "
+                       "in <out>/<cell>/seed<k>/. Finished runs are skipped, so rerunning completes an "
+                       "interrupted sweep; a failed run is recorded and the others go on. Writes results.csv, "
+                       "results.md (mean ± std over seeds) and results.png into the output folder.")
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("--out", default=None, help="output folder (default: the sweep's `out:`, else "
+                   "runs/<sweep name>/ next to the sweep file)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="validate the sweep and list its runs without training")
+    p.set_defaults(func=_cmd_sweep)
+
     data = sub.add_parser("data", help="build datasets: the offline demo, or shards from LLaVA-format JSON")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("demo", help="build the offline demo dataset (shapes VQA + digits) and its tokenizer")
@@ -207,11 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on the first bad entry instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=_cmd_data_llava)
+
+    p = sub.add_parser("mix-weights", help="interpolate two checkpoints of one architecture: beta*A + (1-beta)*B",
+                       description="Write theta = beta * A + (1 - beta) * B (SPHINX weight mixing). A and B: vlkit "
+                       "run folders, stage checkpoints (stage*/last), Hugging Face model folders (single or "
+                       "sharded safetensors) or .safetensors files with the same tensors. The output mirrors A's "
+                       "layout (a run folder stays usable by `vlkit validate`/`predict`). Floats are mixed in "
+                       "float32 and keep their dtype; integer tensors must be equal.")
+    p.add_argument("a", help="checkpoint A (weight beta)")
+    p.add_argument("b", help="checkpoint B (weight 1 - beta)")
+    p.add_argument("--beta", type=_beta, default=0.5, help="weight of A, in [0, 1] (default 0.5)")
+    p.add_argument("--out", required=True, help="output folder (or .safetensors file when A is a file)")
+    p.add_argument("--only", action="append", default=None, metavar="PART",
+                   help="mix only this part (llm, fusion, encoders, encoders.<key>, or any key prefix); other "
+                   "tensors are copied from A. Repeat for several parts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_mix_weights)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options: `vlkit fit R --run-dir D a.b=c`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except VlkitError as exc:

@@ -348,25 +348,39 @@ class _TrainStream(_Stream):
 
 
 class _ValStream(_Stream):
-    """One pass, in order, over a rank's shards: left-padded prompt batches with answers."""
+    """One pass, in order, over this reader's part of the validation set: left-padded prompt batches.
+
+    The readers are every loader worker of every rank. With at least as many shards as readers, each reads
+    whole shards; otherwise each reads every shard and keeps every ``readers``-th sample, so that a single
+    validation shard is still evaluated by all ranks and no sample twice. ``max_samples`` caps the samples
+    of all readers together.
+    """
 
     def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
-                 max_samples: int | None) -> None:
+                 max_samples: int | None, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(shards, processor, args)
         self.max_samples = max_samples
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = self._worker()
+        reader, readers = self.rank * workers + worker, self.world_size * workers
         cap = None
         if self.max_samples is not None:
-            cap = self.max_samples // workers + (1 if worker < self.max_samples % workers else 0)
+            cap = self.max_samples // readers + (1 if reader < self.max_samples % readers else 0)
+        by_shard = len(self.shards) >= readers
+        shards = self.shards[reader::readers] if by_shard else self.shards
         taken = 0
         feats: list[dict[str, Any]] = []
         skipped = 0
-        for url in self.shards[worker::workers]:
+        index = -1
+        for url in shards:
             for _, key, files in self._raw(url):
                 if cap is not None and taken >= cap:
                     break
+                index += 1
+                if not by_shard and index % readers != reader:
+                    continue
                 try:
                     f = self._parse(url, key, files, prompt=True)
                 except _BadSample as exc:
@@ -493,19 +507,19 @@ class ShardDataset:
 
     def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
                    max_samples: int | None = None) -> DataLoader:
-        """One in-order pass of left-padded prompt batches over rank ``rank``'s shards.
+        """One in-order pass of left-padded prompt batches over rank ``rank``'s part of the validation set.
 
         A batch is the prompt collate output plus lists ``answer``, ``type``, ``__key__``, ``__url__``,
         ``loss_batch`` (the whole conversations, right-padded with labels, for the validation loss) and the
-        int ``skipped``. ``max_samples`` caps the samples of all ranks together (``max_samples //
-        world_size`` each). A rank without shards yields nothing.
+        int ``skipped``. Ranks split the shards, or the samples when there are fewer shards than ranks;
+        ``max_samples`` caps the samples of all ranks together.
         """
-        shards = split_shards(self.shards, rank, world_size)
-        cap = None if max_samples is None else max(1, max_samples // world_size)
-        workers = min(self.args.num_workers, len(shards))
-        if cap is not None:
-            workers = min(workers, cap)
-        stream = _ValStream(shards, self._processor(processor), self.args, cap)
+        workers = self.args.num_workers
+        if len(self.shards) >= world_size:
+            workers = min(workers, len(split_shards(self.shards, rank, world_size)))
+        if max_samples is not None:
+            workers = min(workers, max(1, max_samples // world_size))
+        stream = _ValStream(self.shards, self._processor(processor), self.args, max_samples, rank, world_size)
         return self._loader(stream, workers)
 
     # ------------------------------------------------------------------------------------------ answers

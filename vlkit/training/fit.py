@@ -14,10 +14,13 @@ Running again on the same folder skips finished stages and resumes an unfinished
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,35 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+
+@contextmanager
+def _keep_metrics_before(csv_path: Path, step: int) -> Iterator[None]:
+    """Keep the rows of ``csv_path`` logged before ``step`` across a resumed ``trainer.fit``.
+
+    Lightning's CSV logger deletes an existing metrics file when it starts; on resume the rows of the
+    steps before the checkpoint are read first and merged back in front of the new ones afterwards (also
+    when training fails again), so a run's metrics survive any number of interruptions.
+    """
+    kept: list[dict[str, str]] = []
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            kept = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) < step]
+    try:
+        yield
+    finally:
+        if kept:
+            new: list[dict[str, str]] = []
+            if csv_path.is_file():
+                with open(csv_path, newline="") as f:
+                    new = list(csv.DictReader(f))
+            fields = list(dict.fromkeys(k for row in kept + new for k in row))
+            tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(kept + new)
+            tmp.replace(csv_path)
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -113,6 +145,14 @@ def load_stage_weights(model: VLM, checkpoint_dir: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint_dir} does not match the recipe's model: {len(missing)} missing keys "
                               f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def _checkpoint_step(checkpoint_dir: Path) -> int:
+    """The optimizer step a stage checkpoint was saved at."""
+    import torch
+
+    state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
+    return int(state["global_step"])
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -206,7 +246,9 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         module = VLMModule(model, stage, recipe.eval, data, val_data, baseline, seed=recipe.seed)
         trainer = _trainer(recipe, i, stage_dir, run_dir, list(callbacks or []))
         stage_start = time.time()
-        trainer.fit(module, ckpt_path=ckpt_path)
+        resume_step = _checkpoint_step(resume) if ckpt_path else 0
+        with _keep_metrics_before(stage_dir / "metrics.csv", resume_step):
+            trainer.fit(module, ckpt_path=ckpt_path)
         metrics = {}
         if val_data is not None:
             trainer.limit_val_batches = 1.0
