@@ -86,3 +86,17 @@ def test_shipped_recipes_validate(recipe: str, monkeypatch):
     monkeypatch.chdir(ROOT)
     loaded = vlkit.load_recipe(recipe)
     assert loaded.stages and loaded.model.encoders
+
+
+def test_list_override_then_item_override(tiny_recipe: Path):
+    recipe = vlkit.load_recipe(tiny_recipe, ["stages=[{name: s, trainable: [fusion], max_steps: 2}]",
+                                             "stages.0.lr=1e-3"])
+    assert [(s.name, s.lr) for s in recipe.stages] == [("s", 1e-3)]
+    with pytest.raises(RecipeError, match=r"command-line override: stages\[0\].lr: expected float"):
+        vlkit.load_recipe(tiny_recipe, ["stages=[{name: s, trainable: [fusion], max_steps: 2}]", "stages.0.lr=x"])
+
+
+def test_part_by_import_path_gets_a_usable_key(tiny_recipe: Path):
+    recipe = vlkit.load_recipe(tiny_recipe, ["model.encoders.0.name=vlkit.encoders.clip:CLIPEncoder"])
+    model = vlkit.build_model(recipe)
+    assert list(model.encoders) == ["CLIPEncoder"]

@@ -130,7 +130,7 @@ def test_cli_config_list_and_errors(tiny_recipe: Path, capsys):
 
 
 def test_console_script_help_for_every_command():
-    for cmd in ([], ["fit"], ["validate"], ["predict"], ["list"], ["config"], ["data"], ["data", "demo"],
+    for cmd in ([], ["fit"], ["validate"], ["predict"], ["list"], ["config"], ["sweep"], ["data"], ["data", "demo"],
                 ["data", "from-llava"]):
         res = subprocess.run([sys.executable, "-m", "vlkit.cli", *cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: vlkit" in res.stdout, (cmd, res.stderr)

@@ -176,7 +176,7 @@ def _cmd_mix_weights(args: argparse.Namespace) -> int:
 
     out = mix_weights(args.a, args.b, args.beta, args.out, only=args.only, overwrite=args.overwrite)
     parts = f" (only {', '.join(args.only)}; the rest copied from A)" if args.only else ""
-    console.print(f"wrote {out}: {args.beta:g} * A + {1 - args.beta:g} * B{parts}", highlight=False)
+    console.print(f"wrote {out}: {args.beta:g} * A + {1 - args.beta:g} * B{parts}", highlight=False, soft_wrap=True)
     return 0
 
 

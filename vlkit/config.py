@@ -28,12 +28,32 @@ from vlkit.errors import RecipeError
 
 
 @dataclass
+class ViewsConfig:
+    """Multi-scale views (SPHINX-1k): each image becomes a global view plus ``grid x grid`` sub-images.
+
+    The data pipeline pads images to square and resizes them to ``grid * size``; the model encodes the
+    ``1 + grid**2`` views of side ``size`` separately and hands the LLM their tokens in order (global first,
+    then the sub-images row by row). See :mod:`vlkit.data.views`.
+    """
+
+    grid: int = 2
+    """Sub-images per side (2: global + 4 views from a 2*size image; 3: global + 9)."""
+    size: int = 224
+    """Side of every view in pixels (each encoder still resizes a view to its own input size)."""
+    pad: Literal["mean", "white", "black", "none"] = "mean"
+    """Fill when padding to square: the CLIP mean colour (LLaVA/SPHINX), white, black, or ``none`` (stretch)."""
+
+
+@dataclass
 class ModelConfig:
     """Which parts make the model. Each entry is ``{name: <registered name>, **args}``."""
 
     encoders: list[dict[str, Any]]
-    fusion: dict[str, Any]
+    fusion: dict[str, Any] | None = field(default=None, kw_only=True)
+    """Required, except with a holistic encoder (HoVLE), which feeds the LLM directly: then null."""
     llm: dict[str, Any]
+    views: ViewsConfig | None = None
+    """Split each image into a global view + sub-images (e.g. ``{grid: 2, size: 224}``); null: one view."""
 
 
 @dataclass
@@ -42,6 +62,32 @@ class DataConfig:
 
     train: dict[str, Any]
     val: dict[str, Any] | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Targets of a distillation stage (HoVLE stage I): a frozen teacher for the image positions, the LLM's
+    input embeddings for the text positions; only the holistic encoder trains."""
+
+    teacher: dict[str, Any]
+    """A vision-encoder section (``{name: <registered encoder>, **args}``), built frozen."""
+    teacher_stream: str | None = None
+    """Which of the teacher's streams gives the targets (default: its only stream)."""
+    shuffle: bool = False
+    """Pixel-shuffle (ratio 0.5) the teacher's token grid before the projector, as InternVL does."""
+    projector: str | None = None
+    """Frozen projector from the teacher's width to the LLM's: ``linear`` or ``mlp{N}x_gelu`` (None: the
+    teacher's width must equal the LLM's hidden size)."""
+    projector_norm: bool = False
+    """LayerNorm before the projector (InternVL's ``mlp1`` layout: LayerNorm, Linear, GELU, Linear)."""
+    projector_weights: str | None = None
+    """A ``.safetensors`` file with the projector's weights (e.g. a VLM's trained projector); None: random."""
+    projector_prefix: str = ""
+    """Key prefix of the projector's tensors in ``projector_weights`` (e.g. ``mlp1.``)."""
+    loss: Literal["cosine", "mse"] = "cosine"
+    """``cosine``: 1 - cosine similarity per token; ``mse``: mean squared error per channel."""
+    image_weight: float = 1.0
+    text_weight: float = 1.0
 
 
 @dataclass
@@ -66,9 +112,14 @@ class StageConfig:
     precision: str | None = None
     """Overrides ``trainer.precision`` for this stage (e.g. ``bf16-mixed``)."""
     data: dict[str, Any] = field(default_factory=dict)
-    """Overrides merged into ``data.train`` for this stage (e.g. ``{tasks: [caption]}``)."""
+    """Overrides merged into ``data.train`` for this stage (e.g. ``{tasks: [caption]}``); a section whose
+    ``name`` differs from ``data.train``'s is a dataset of its own that replaces it for this stage."""
     val_every: int | None = None
     """Validate every N optimizer steps (default: only at the end of the stage)."""
+    objective: Literal["lm", "distill"] = "lm"
+    """``lm``: next-token prediction; ``distill``: regress the targets of ``distill`` (HoVLE stage I)."""
+    distill: DistillConfig | None = None
+    """Teacher and loss of an ``objective: distill`` stage."""
 
 
 @dataclass
@@ -139,6 +190,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        present = [arg for arg in args if arg is not type(None)]
+        if len(present) == 1:  # Optional[X]: X's own error is the precise one (e.g. a nested dataclass key)
+            return _convert(present[0], value, key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -288,7 +342,11 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], layers: _Layers)
         node = override_tree
         parts = key.replace("[", ".").replace("]", "").split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            child = node.get(p)
+            if isinstance(child, list):  # `stages=[...]` then `stages.0.lr=...`: index the list by position
+                child = {str(i): v for i, v in enumerate(child)}
+            node[p] = child if isinstance(child, dict) else {}
+            node = node[p]
         node[parts[-1]] = value
     layers.add("command-line override", override_tree)
     return cfg
@@ -325,8 +383,27 @@ def _validate_parts(recipe: Recipe) -> None:
     m = recipe.model
     if not m.encoders:
         raise RecipeError("at least one encoder is required", "model.encoders")
+    if m.views is not None:
+        if not 1 <= m.views.grid <= 8:
+            raise RecipeError(f"must be between 1 and 8 (sub-images per side), got {m.views.grid}",
+                              "model.views.grid")
+        if m.views.size <= 0:
+            raise RecipeError(f"must be a positive number of pixels, got {m.views.size}", "model.views.size")
     m.encoders = [_complete(ENCODERS, e, f"model.encoders[{i}]") for i, e in enumerate(m.encoders)]
-    m.fusion = _complete(FUSIONS, m.fusion, "model.fusion")
+    holistic = _holistic_encoders(m.encoders)
+    if holistic:
+        if len(m.encoders) > 1:
+            raise RecipeError("a holistic encoder embeds the whole sequence for the LLM, so it must be the only "
+                              "encoder", "model.encoders")
+        if m.fusion is not None:
+            raise RecipeError("a holistic encoder feeds the LLM directly; set `fusion: null` (or leave it out)",
+                              "model.fusion")
+        if m.views is not None:
+            raise RecipeError("multi-view images are not supported with a holistic encoder", "model.views")
+    elif m.fusion is None:
+        raise RecipeError("missing required key (only a holistic encoder goes without a fusion)", "model.fusion")
+    else:
+        m.fusion = _complete(FUSIONS, m.fusion, "model.fusion")
     m.llm = _complete(LLMS, m.llm, "model.llm")
     recipe.data.train = _complete(DATASETS, recipe.data.train, "data.train")
     if recipe.data.val is not None:
@@ -343,5 +420,52 @@ def _validate_parts(recipe: Recipe) -> None:
         if not stage.trainable:
             raise RecipeError("name at least one part to train (encoders, fusion, llm or a module path)",
                               f"{where}.trainable")
-        if stage.data:
+        train_name = recipe.data.train["name"]
+        if stage.data and stage.data.get("name", train_name) != train_name:  # its own dataset replaces data.train
+            stage.data = _complete(DATASETS, stage.data, f"{where}.data")
+        elif stage.data:
             _complete(DATASETS, {**recipe.data.train, **stage.data}, f"{where}.data")
+        _validate_objective(stage, where, bool(holistic), stage.data.get("name", train_name))
+
+
+def _holistic_encoders(encoders: list[dict[str, Any]]) -> list[int]:
+    """Indices of the encoder sections whose class declares the holistic interface (HoVLE)."""
+    from vlkit.encoders.holistic import HolisticEncoder
+    from vlkit.registry import ENCODERS
+
+    return [i for i, e in enumerate(encoders) if issubclass(ENCODERS.get(e["name"]), HolisticEncoder)]
+
+
+def _validate_objective(stage: StageConfig, where: str, holistic: bool, dataset: str) -> None:
+    """A distillation stage: a holistic model, a distillation dataset and a complete ``distill`` section."""
+    from vlkit.fusions.projector import check_projector
+    from vlkit.registry import DATASETS, ENCODERS
+
+    if stage.objective == "distill" and not holistic:
+        raise RecipeError("distillation trains a holistic encoder (HoVLE stage I); this model has none",
+                          f"{where}.objective")
+    provides = getattr(DATASETS.get(dataset), "objective", "lm")
+    if provides != stage.objective:
+        need = "a distillation dataset (e.g. distill_images)" if stage.objective == "distill" else "conversations"
+        raise RecipeError(f"dataset {dataset!r} gives {provides!r} batches but this stage's objective is "
+                          f"{stage.objective!r}, which needs {need}", f"{where}.data")
+    if stage.objective != "distill":
+        if stage.distill is not None:
+            raise RecipeError("only used by `objective: distill` stages", f"{where}.distill")
+        return
+    d = stage.distill
+    if d is None:
+        raise RecipeError("missing: `objective: distill` needs a `distill:` section (teacher, loss)",
+                          f"{where}.distill")
+    d.teacher = _complete(ENCODERS, d.teacher, f"{where}.distill.teacher")
+    if _holistic_encoders([d.teacher]):
+        raise RecipeError("the teacher must be a vision encoder, not a holistic one", f"{where}.distill.teacher")
+    if d.projector is not None:
+        check_projector(d.projector, f"{where}.distill.projector")
+    elif d.projector_norm or d.projector_weights:
+        raise RecipeError("`projector_norm` / `projector_weights` need a `projector`", f"{where}.distill.projector")
+    for name in ("image_weight", "text_weight"):
+        if getattr(d, name) < 0:
+            raise RecipeError("must be 0 or more", f"{where}.distill.{name}")
+    if d.image_weight == d.text_weight == 0:
+        raise RecipeError("image_weight and text_weight are both 0: nothing to learn", f"{where}.distill")

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from vlkit.config import EvalConfig, StageConfig
 from vlkit.model import VLM
+from vlkit.training.distill import Distiller
 from vlkit.training.stages import build_optimizer, print_param_table
 
 
@@ -34,11 +35,14 @@ class VLMModule(L.LightningModule):
 
     The data loaders come from ``train_data`` / ``val_data`` (registered datasets), built per rank once the
     (possibly distributed) run has started. ``baseline`` maps question type -> majority training answer.
+
+    With a ``distiller`` (an ``objective: distill`` stage) the loss is the distillation loss, and validation
+    runs on the training dataset's held-out part and reports ``val/loss``, ``val/cos_image``, ``val/cos_text``.
     """
 
     def __init__(self, model: VLM, stage: StageConfig, eval_cfg: EvalConfig, train_data: Any,
                  val_data: Any | None = None, baseline: dict[str | None, str] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, distiller: Distiller | None = None) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
@@ -47,6 +51,7 @@ class VLMModule(L.LightningModule):
         self.val_data = val_data
         self.baseline = baseline or {}
         self.seed = seed
+        self.distiller = distiller
         self.shards_seen: Counter[str] = Counter()
         self._skipped = 0
         self._reset_val()
@@ -55,17 +60,26 @@ class VLMModule(L.LightningModule):
 
     def _processor(self):
         args = self.train_data.args
-        return self.model.processor(max_length=args.max_length, train_on=args.train_on)
+        return self.model.processor(max_length=getattr(args, "max_length", 512),
+                                    train_on=getattr(args, "train_on", "assistant"))
 
     def train_dataloader(self):
         return self.train_data.train_loader(self._processor(), seed=self.seed + self.trainer.global_step,
                                             rank=self.global_rank, world_size=self.trainer.world_size)
 
+    @property
+    def can_validate(self) -> bool:
+        """Whether this stage has a validation set (a distillation dataset's held-out part, or data.val)."""
+        if self.distiller is not None:
+            return self.train_data.has_validation()
+        return self.val_data is not None
+
     def val_dataloader(self):
-        if self.val_data is None:
+        if not self.can_validate:
             return []
-        return self.val_data.val_loader(self._processor(), rank=self.global_rank,
-                                        world_size=self.trainer.world_size, max_samples=self.eval_cfg.max_samples)
+        data = self.train_data if self.distiller is not None else self.val_data
+        return data.val_loader(self._processor(), rank=self.global_rank, world_size=self.trainer.world_size,
+                               max_samples=self.eval_cfg.max_samples)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -80,7 +94,13 @@ class VLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._skipped += int(batch.get("skipped", 0) or 0)
         self.shards_seen.update(batch.get("__url__") or [])
-        loss = self.model(**batch).loss
+        if self.distiller is not None:
+            out = self.distiller(self.model, batch)
+            loss = out.loss
+            for name, value in (("image_loss", out.image_loss), ("text_loss", out.text_loss)):
+                self.log(f"train/{name}", value.detach(), batch_size=batch["input_ids"].shape[0])
+        else:
+            loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
@@ -99,12 +119,21 @@ class VLMModule(L.LightningModule):
         self._val: dict[str, list[float]] = {}
         self._val_loss = [0.0, 0]
         self._val_skipped = 0
+        self._val_cos = [0.0, 0, 0.0, 0]  # distillation: cosine sum and count, image then text
 
     def on_validation_epoch_start(self) -> None:
         self._reset_val()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._val_skipped += int(batch.get("skipped", 0) or 0)
+        if self.distiller is not None:
+            out = self.distiller(self.model, batch)
+            n = batch["input_ids"].shape[0]
+            self._val_loss[0] += float(out.loss) * n
+            self._val_loss[1] += n
+            for i, value in enumerate((out.cos_image, out.n_image, out.cos_text, out.n_text)):
+                self._val_cos[i] += value
+            return
         loss_batch = batch.get("loss_batch")
         if loss_batch is not None:
             out = self.model(**{k: v for k, v in loss_batch.items() if k in
@@ -126,6 +155,9 @@ class VLMModule(L.LightningModule):
                 stats[2] += 1
 
     def on_validation_epoch_end(self) -> None:
+        if self.distiller is not None:
+            self._distill_epoch_end()
+            return
         merged: dict[str, list[float]] = {}
         loss_sum, loss_n, skipped = 0.0, 0, 0
         for part, (lsum, ln), sk in _gather((self._val, self._val_loss, self._val_skipped)):
@@ -138,6 +170,22 @@ class VLMModule(L.LightningModule):
         metrics["val/skipped"] = float(skipped)
         for key, value in metrics.items():
             self.log(key, value, rank_zero_only=True, prog_bar=key in ("val/accuracy", "val/loss"))
+        self.last_val_metrics = metrics
+
+    def _distill_epoch_end(self) -> None:
+        loss_sum, loss_n, cos, skipped = 0.0, 0, [0.0, 0, 0.0, 0], 0
+        for (lsum, ln), part, sk in _gather((self._val_loss, self._val_cos, self._val_skipped)):
+            loss_sum, loss_n, skipped = loss_sum + lsum, loss_n + ln, skipped + sk
+            cos = [a + b for a, b in zip(cos, part)]
+        metrics = {"val/skipped": float(skipped)}
+        if loss_n:
+            metrics["val/loss"] = loss_sum / loss_n
+        if cos[1]:
+            metrics["val/cos_image"] = cos[0] / cos[1]
+        if cos[3]:
+            metrics["val/cos_text"] = cos[2] / cos[3]
+        for key, value in metrics.items():
+            self.log(key, value, rank_zero_only=True, prog_bar=key != "val/skipped")
         self.last_val_metrics = metrics
 
     @staticmethod

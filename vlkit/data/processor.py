@@ -19,6 +19,7 @@ from vlkit.data.conversation import (
     TrainOn,
     tokenize_conversation,
 )
+from vlkit.data.views import image_to_square_tensor
 from vlkit.errors import DataError
 
 
@@ -40,6 +41,9 @@ class VLMProcessor:
     image_size: int
     max_length: int = 512
     train_on: TrainOn = "assistant"
+    pad: str | None = None
+    """Pad images to square with this colour (``mean``, ``white``, ``black``; see :mod:`vlkit.data.views`)
+    before resizing; None stretches the whole image to ``image_size``."""
 
     @property
     def pad_token_id(self) -> int:
@@ -54,6 +58,12 @@ class VLMProcessor:
         if n_ids > self.max_length:
             raise DataError(f"sample is {n_ids} tokens long (incl. {self.num_image_tokens} visual tokens), over "
                             f"max_length={self.max_length}; raise data.*.max_length or shorten the sample")
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The ``(3, image_size, image_size)`` pixels in [0, 1] this processor delivers for ``image``."""
+        if self.pad is None:
+            return image_to_tensor(image, self.image_size)
+        return image_to_square_tensor(image, self.image_size, self.pad)
 
     @staticmethod
     def _with_placeholder(messages: Sequence[Message], image: Image.Image | None) -> list[Message]:
@@ -75,7 +85,7 @@ class VLMProcessor:
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("sample has no trainable tokens (no assistant turn?)")
         return {"input_ids": ids, "labels": labels,
-                "pixel_values": None if image is None else image_to_tensor(image, self.image_size)}
+                "pixel_values": None if image is None else self.pixels(image)}
 
     def prompt_features(self, messages: Sequence[Message], image: Image.Image | None) -> dict[str, Any]:
         """Prompt ids up to the last assistant turn (with the generation prompt) and that turn's answer."""
@@ -88,7 +98,7 @@ class VLMProcessor:
                                           add_generation_prompt=True)
         self._check(messages, image, n, len(ids))
         return {"input_ids": ids, "answer": answer,
-                "pixel_values": None if image is None else image_to_tensor(image, self.image_size)}
+                "pixel_values": None if image is None else self.pixels(image)}
 
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample (dynamic padding); stack the images of the samples that have one.

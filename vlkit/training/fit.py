@@ -35,6 +35,7 @@ from vlkit.model import VLM, build_model
 from vlkit.module import VLMModule
 from vlkit.registry import DATASETS
 from vlkit.training.checkpoint import WEIGHTS, SafetensorsCheckpointIO, read_weights
+from vlkit.training.distill import build_distiller
 from vlkit.training.stages import apply_trainable
 
 MODEL_PREFIX = "model."
@@ -138,9 +139,13 @@ def majority_baseline(dataset: Any, limit: int) -> dict[str | None, str]:
 
 
 def load_stage_weights(model: VLM, checkpoint_dir: Path) -> None:
-    """Load the model weights of a vlkit stage checkpoint (``<stage>/last``) into ``model``."""
+    """Load the model weights of a vlkit stage checkpoint (``<stage>/last``) into ``model``.
+
+    Only the ``model.`` weights are read: other modules of a stage (e.g. a distillation teacher) are not
+    part of the model.
+    """
     state = read_weights(checkpoint_dir / WEIGHTS)
-    state = {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
+    state = {k.removeprefix(MODEL_PREFIX): v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint_dir} does not match the recipe's model: {len(missing)} missing keys "
@@ -242,15 +247,20 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         elif pending is not None:
             load_stage_weights(model, pending)
         apply_trainable(model, stage, f"stages[{i}]")
-        data = DATASETS.build({**recipe.data.train, **stage.data}, f"stages[{i}].data") if stage.data else train_data
-        module = VLMModule(model, stage, recipe.eval, data, val_data, baseline, seed=recipe.seed)
+        data = _stage_data(recipe, i, train_data)
+        distiller = None
+        if stage.objective == "distill":
+            assert stage.distill is not None  # validated with the recipe
+            distiller = build_distiller(stage.distill, model, f"stages[{i}].distill", seed=recipe.seed)
+        module = VLMModule(model, stage, recipe.eval, data, val_data, baseline, seed=recipe.seed,
+                           distiller=distiller)
         trainer = _trainer(recipe, i, stage_dir, run_dir, list(callbacks or []))
         stage_start = time.time()
         resume_step = _checkpoint_step(resume) if ckpt_path else 0
         with _keep_metrics_before(stage_dir / "metrics.csv", resume_step):
             trainer.fit(module, ckpt_path=ckpt_path)
         metrics = {}
-        if val_data is not None:
+        if module.can_validate:
             trainer.limit_val_batches = 1.0
             trainer.validate(module, verbose=False)
             metrics = dict(module.last_val_metrics)
@@ -269,6 +279,17 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         _write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _stage_data(recipe: Recipe, index: int, train_data: Any) -> Any:
+    """The training set of stage ``index``: ``data.train``, with the stage's ``data`` overrides merged in,
+    or the stage's own dataset when its ``data`` names another one."""
+    stage = recipe.stages[index]
+    if not stage.data:
+        return train_data
+    if stage.data.get("name", recipe.data.train["name"]) != recipe.data.train["name"]:
+        return DATASETS.build(stage.data, f"stages[{index}].data")
+    return DATASETS.build({**recipe.data.train, **stage.data}, f"stages[{index}].data")
 
 
 def evaluate(recipe: Recipe, model: VLM) -> dict[str, float]:

@@ -31,10 +31,16 @@ def _resolve(model: nn.Module, path: str, key: str) -> nn.Module:
 
 
 def apply_trainable(model: nn.Module, stage: StageConfig, where: str = "stages") -> None:
-    """Freeze everything, then unfreeze the parts/modules the stage lists in ``trainable``."""
+    """Freeze everything, then unfreeze the parts/modules the stage lists in ``trainable``.
+
+    Parameters the model declares outside its forward pass (``bypassed_parameters()``, e.g. the LLM's input
+    embeddings behind a holistic encoder) stay frozen: they would get no gradient.
+    """
     model.requires_grad_(False)
     for i, path in enumerate(stage.trainable):
         _resolve(model, path, f"{where}.trainable[{i}]").requires_grad_(True)
+    for p in getattr(model, "bypassed_parameters", list)():
+        p.requires_grad_(False)
     for path in stage.lrs:
         _resolve(model, path, f"{where}.lrs.{path}")
 
