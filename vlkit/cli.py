@@ -152,9 +152,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
-    from vlkit.data.demo import build_demo
+    from vlkit.data.demo import build_demo, existing_demo
 
     kwargs = {k: v for k, v in (("train_scenes", args.train_scenes), ("val_scenes", args.val_scenes)) if v}
+    index = None if args.overwrite else existing_demo(args.out, seed=args.seed, **kwargs)
+    if index is not None:
+        console.print(f"{args.out} already holds this demo dataset; reusing it (--overwrite rebuilds it)")
+        return 0
     index = build_demo(args.out, seed=args.seed, overwrite=args.overwrite, **kwargs)
     splits = ", ".join(f"{s}: {v['samples']} samples" for s, v in index["splits"].items())
     console.print(f"demo dataset written to {args.out} ({splits})")
@@ -168,6 +172,24 @@ def _cmd_data_llava(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, strict=args.strict)
     splits = ", ".join(f"{s}: {v['samples']} samples" for s, v in index["splits"].items())
     console.print(f"shards written to {args.out} ({splits})")
+    return 0
+
+
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    from vlkit.config import load_recipe
+    from vlkit.data.feature_cache import build_cache
+    from vlkit.model import build_model
+    from vlkit.registry import DATASETS
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or recipe.data.feature_cache
+    if not out:
+        raise VlkitError(f"{args.recipe}: no output folder: pass --out DIR (or set data.feature_cache)")
+    model = build_model(recipe)
+    shards = DATASETS.build(recipe.data.train, "data.train").shards
+    reader = build_cache(recipe, model, shards, out, batch_size=args.batch_size)
+    console.print(f"cached the streams of {len(shards)} training shard(s) in {reader.folder}; train from them "
+                  f"with `data.feature_cache={out}` in the stages whose encoders are frozen", highlight=False)
     return 0
 
 
@@ -243,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
     p.add_argument("--dry-run", action="store_true", help="validate the sweep and list its runs without training")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("cache-features", help="run the recipe's encoders once over its training shards and store "
+                       "their streams (for stages with frozen encoders)",
+                       description="Encode every training image of RECIPE with its encoders (as the recipe builds "
+                       "them) and store the streams in DIR/<fingerprint>/. Training with data.feature_cache=DIR "
+                       "then reads them instead of pixels in every stage whose encoders are frozen. The "
+                       "fingerprint covers the encoder sections, their weights, image size and views, and each "
+                       "read checks the image's hash, so a changed encoder or image never gets stale features. "
+                       "`vlkit fit` builds missing caches itself; this command builds them ahead of time.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--out", default=None, help="cache folder (default: the recipe's data.feature_cache)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    p.set_defaults(func=_cmd_cache_features)
 
     data = sub.add_parser("data", help="build datasets: the offline demo, or shards from LLaVA-format JSON")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

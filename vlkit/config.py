@@ -62,6 +62,10 @@ class DataConfig:
 
     train: dict[str, Any]
     val: dict[str, Any] | None = None
+    feature_cache: str | None = None
+    """A folder for the frozen encoders' streams: in every stage whose encoders are all frozen, training
+    reads each image's cached streams instead of running the encoders (built on first use; see
+    :mod:`vlkit.data.feature_cache`). Validation still reads pixels."""
 
 
 @dataclass

@@ -91,14 +91,12 @@ class VLM(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(n_images, 3, S, S)`` pixels in [0, 1] -> visual tokens ``(n_images, T, H)``.
+    def image_streams(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(n_images, 3, S, S)`` pixels in [0, 1] -> every encoder's streams ``{"<key>.<stream>": (n_images *
+        views, N, C)}`` (with ``views``, the rows of image ``b`` are ``b * views ... (b + 1) * views - 1``).
 
-        With ``views``, every image is split into its views, all views go through the encoders and the
-        fusion as one batch, and each image's views' tokens are concatenated (global view first).
         An encoder whose parameters are all frozen runs without autograd; a trainable one gets gradients.
         """
-        n_images = pixel_values.shape[0]
         if self.views is not None:
             pixel_values = split_views(pixel_values, self.views.grid, self.views.size)
         streams: dict[str, torch.Tensor] = {}
@@ -107,13 +105,27 @@ class VLM(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
                 for name, tensor in encoder.encode(pixel_values).items():
                     streams[f"{key}.{name}"] = tensor
+        return streams
+
+    def fuse(self, streams: dict[str, torch.Tensor], n_images: int) -> torch.Tensor:
+        """Streams of ``n_images`` images (as :meth:`image_streams` returns them) -> visual tokens
+        ``(n_images, T, H)``; with ``views``, each image's views' tokens are concatenated (global first)."""
         tokens = self.fusion(streams)
         return tokens.reshape(n_images, -1, tokens.shape[-1]) if self.views is not None else tokens
 
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(n_images, 3, S, S)`` pixels in [0, 1] -> visual tokens ``(n_images, T, H)``."""
+        return self.fuse(self.image_streams(pixel_values), pixel_values.shape[0])
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+              attention_mask: torch.Tensor | None = None,
+              image_streams: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """LLM input embeddings with visual tokens written at the image-token positions (with a holistic
-        encoder: its output for every position; ``attention_mask`` marks the real tokens)."""
+        encoder: its output for every position; ``attention_mask`` marks the real tokens).
+
+        ``image_streams`` (``{"<key>.<stream>": (n_images, views, N, C)}``, from the feature cache) replace
+        ``pixel_values``: the encoders do not run.
+        """
         holistic = self.holistic
         if holistic is not None:
             frozen = not any(p.requires_grad for p in holistic.parameters())
@@ -124,11 +136,16 @@ class VLM(nn.Module):
         pad = self.llm.tokenizer.pad_token_id or 0
         embeds = self.llm.embed(input_ids.masked_fill(image_mask, pad))
         n_slots = int(image_mask.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if n_slots:
-                raise ValueError(f"input_ids hold {n_slots} image-token positions but no pixel_values were given")
+        if image_streams:
+            n_images = next(iter(image_streams.values())).shape[0]
+            visual = self.fuse({k: v.to(embeds.device).flatten(0, 1) for k, v in image_streams.items()}, n_images)
+        elif pixel_values is not None and pixel_values.shape[0] > 0:
+            visual = self.encode_images(pixel_values.to(embeds.device))
+        elif n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image-token positions but no pixel_values were given")
+        else:
             return embeds
-        visual = self.encode_images(pixel_values.to(embeds.device)).to(embeds.dtype)
+        visual = visual.to(embeds.dtype)
         if visual.shape[0] * visual.shape[1] != n_slots:
             raise ValueError(
                 f"{visual.shape[0]} image(s) x {visual.shape[1]} visual tokens do not fill the {n_slots} "
@@ -138,9 +155,10 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **_: Any):
-        """Causal-LM output (``.loss`` when ``labels`` are given, ``.logits``). Extra batch keys are ignored."""
-        embeds = self.embed(input_ids, pixel_values, attention_mask)
+                image_streams: dict[str, torch.Tensor] | None = None, **_: Any):
+        """Causal-LM output (``.loss`` when ``labels`` are given, ``.logits``). Extra batch keys are ignored.
+        ``image_streams`` (cached encoder streams) replace ``pixel_values``; see :meth:`embed`."""
+        embeds = self.embed(input_ids, pixel_values, attention_mask, image_streams)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import random
 import time
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vlkit.data.shards import SplitWriter, prepare_out_dir, write_index
+from vlkit.data.shards import INDEX_FILE, SplitWriter, prepare_out_dir, write_index
 from vlkit.errors import DataError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -387,6 +388,25 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def existing_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 1500, seed: int = 0,
+                  image_size: int = 64, digit_repeats: int = 4, caption_fraction: float = 0.2
+                  ) -> dict[str, Any] | None:
+    """The index of a complete demo dataset in ``out`` built with these arguments, or None."""
+    try:
+        index = json.loads((Path(out) / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {"name": "vlkit data demo", "seed": seed, "image_size": image_size, "train_scenes": train_scenes,
+              "val_scenes": val_scenes, "digit_repeats": digit_repeats, "caption_fraction": caption_fraction}
+    builder = index.get("builder") if isinstance(index, dict) else None
+    if not isinstance(builder, dict) or any(builder.get(k) != v for k, v in wanted.items()):
+        return None
+    shards = [name for split in index.get("splits", {}).values() for name in split.get("shards", [])]
+    if not shards or not all((Path(out) / name).is_file() for name in shards):
+        return None
+    return index
 
 
 def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 1500, seed: int = 0,

@@ -19,6 +19,7 @@ from vlkit.data.conversation import (
     TrainOn,
     tokenize_conversation,
 )
+from vlkit.data.feature_cache import CachedImage
 from vlkit.data.views import image_to_square_tensor
 from vlkit.errors import DataError
 
@@ -50,7 +51,8 @@ class VLMProcessor:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
-    def _check(self, messages: Sequence[Message], image: Image.Image | None, n_images: int, n_ids: int) -> None:
+    def _check(self, messages: Sequence[Message], image: Image.Image | CachedImage | None, n_images: int,
+               n_ids: int) -> None:
         expected = 0 if image is None else 1
         if n_images != expected:
             raise DataError(f"sample has {expected} image(s) but {n_images} {IMAGE_PLACEHOLDER!r} placeholder(s) "
@@ -65,8 +67,14 @@ class VLMProcessor:
             return image_to_tensor(image, self.image_size)
         return image_to_square_tensor(image, self.image_size, self.pad)
 
+    def image_inputs(self, image: Image.Image | CachedImage | None) -> dict[str, Any]:
+        """``{"pixel_values": ...}`` for an image, ``{"image_streams": ...}`` for one from the feature cache."""
+        if isinstance(image, CachedImage):
+            return {"pixel_values": None, "image_streams": image.streams}
+        return {"pixel_values": None if image is None else self.pixels(image)}
+
     @staticmethod
-    def _with_placeholder(messages: Sequence[Message], image: Image.Image | None) -> list[Message]:
+    def _with_placeholder(messages: Sequence[Message], image: Image.Image | CachedImage | None) -> list[Message]:
         """Samples with an image but no placeholder get one at the start of the first user turn."""
         messages = list(messages)
         if image is not None and not any(IMAGE_PLACEHOLDER in m.content for m in messages):
@@ -76,7 +84,8 @@ class VLMProcessor:
                 messages[first] = Message(m.role, f"{IMAGE_PLACEHOLDER}\n{m.content}", m.trainable)
         return messages
 
-    def train_features(self, messages: Sequence[Message], image: Image.Image | None) -> dict[str, Any]:
+    def train_features(self, messages: Sequence[Message], image: Image.Image | CachedImage | None
+                       ) -> dict[str, Any]:
         """Input ids and labels of a whole conversation (for the training loss)."""
         messages = self._with_placeholder(messages, image)
         ids, labels, n = tokenize_conversation(messages, self.tokenizer, self.template, self.num_image_tokens,
@@ -84,10 +93,10 @@ class VLMProcessor:
         self._check(messages, image, n, len(ids))
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("sample has no trainable tokens (no assistant turn?)")
-        return {"input_ids": ids, "labels": labels,
-                "pixel_values": None if image is None else self.pixels(image)}
+        return {"input_ids": ids, "labels": labels, **self.image_inputs(image)}
 
-    def prompt_features(self, messages: Sequence[Message], image: Image.Image | None) -> dict[str, Any]:
+    def prompt_features(self, messages: Sequence[Message], image: Image.Image | CachedImage | None
+                        ) -> dict[str, Any]:
         """Prompt ids up to the last assistant turn (with the generation prompt) and that turn's answer."""
         messages = self._with_placeholder(messages, image)
         answer = ""
@@ -97,13 +106,13 @@ class VLMProcessor:
         ids, _, n = tokenize_conversation(messages, self.tokenizer, self.template, self.num_image_tokens,
                                           add_generation_prompt=True)
         self._check(messages, image, n, len(ids))
-        return {"input_ids": ids, "answer": answer,
-                "pixel_values": None if image is None else self.pixels(image)}
+        return {"input_ids": ids, "answer": answer, **self.image_inputs(image)}
 
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample (dynamic padding); stack the images of the samples that have one.
 
-        Keys other than ``input_ids``, ``labels`` and ``pixel_values`` are gathered into lists.
+        Cached streams (``image_streams``) are stacked per stream. Keys other than ``input_ids``, ``labels``,
+        ``pixel_values`` and ``image_streams`` are gathered into lists.
         """
         if not features:
             raise DataError("cannot collate an empty batch")
@@ -128,7 +137,10 @@ class VLMProcessor:
         }
         if labels is not None:
             batch["labels"] = labels
+        cached = [f["image_streams"] for f in features if f.get("image_streams") is not None]
+        if cached:
+            batch["image_streams"] = {name: torch.stack([c[name] for c in cached]) for name in cached[0]}
         for key in features[0]:
-            if key not in batch and key not in ("labels",):
+            if key not in batch and key not in ("labels", "image_streams"):
                 batch[key] = [f.get(key) for f in features]
         return batch

@@ -21,6 +21,7 @@ distributed ranks stay in step. Corrupt samples are skipped and counted in each 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import io
@@ -43,6 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlkit.data.conversation import Message, messages_from_llava
+from vlkit.data.feature_cache import CacheReader
 from vlkit.data.processor import VLMProcessor
 from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
@@ -164,6 +166,11 @@ def _check_conversations(meta: dict[str, Any]) -> list[dict]:
     return conv
 
 
+def _image_bytes(files: dict[str, bytes]) -> bytes | None:
+    """The sample's image file (the first of :data:`IMAGE_EXTENSIONS` present), undecoded."""
+    return next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+
+
 def _decode_image(files: dict[str, bytes]) -> Image.Image | None:
     for ext in IMAGE_EXTENSIONS:
         if ext in files:
@@ -187,11 +194,13 @@ def _answers(conversations: list[Any]) -> list[str]:
 class _Stream(IterableDataset):
     """Shared sample parsing for the train and validation streams (runs inside loader workers)."""
 
-    def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args) -> None:
+    def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
+                 cache: CacheReader | None = None) -> None:
         super().__init__()
         self.shards = shards
         self.processor = processor
         self.args = args
+        self.cache = cache
         self.tasks = set(args.tasks) if args.tasks is not None else None
         self._warned = 0
 
@@ -232,7 +241,12 @@ class _Stream(IterableDataset):
         conv = _check_conversations(meta)
         try:
             messages: list[Message] = messages_from_llava(conv)
-            image = _decode_image(files)
+            if self.cache is not None:
+                image = self.cache.lookup(url, key, _image_bytes(files))
+                if isinstance(image, str):
+                    raise _BadSample(image)
+            else:
+                image = _decode_image(files)
             if prompt:
                 if messages[-1].role != "assistant":
                     raise _BadSample("the conversation does not end with an assistant answer to evaluate")
@@ -270,8 +284,8 @@ class _TrainStream(_Stream):
     """
 
     def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args, seed: int,
-                 rank: int, batches: int, samples_per_worker: int) -> None:
-        super().__init__(shards, processor, args)
+                 rank: int, batches: int, samples_per_worker: int, cache: CacheReader | None = None) -> None:
+        super().__init__(shards, processor, args, cache)
         self.seed = seed
         self.rank = rank
         self.batches = batches
@@ -449,6 +463,15 @@ class ShardDataset:
         self.args = args
         self.shards = expand_urls(args.urls)
         self._num_samples: int | None = None
+        self.feature_cache: CacheReader | None = None
+        """When set, training batches carry the images' cached encoder streams instead of pixels."""
+
+    def with_feature_cache(self, cache: CacheReader) -> ShardDataset:
+        """A copy whose training loader reads each image's encoder streams from ``cache`` (see
+        :mod:`vlkit.data.feature_cache`) instead of decoding it; validation still reads pixels."""
+        other = copy.copy(self)
+        other.feature_cache = cache
+        return other
 
     def __repr__(self) -> str:
         return f"ShardDataset({self.args.urls!r}, {len(self.shards)} shards)"
@@ -502,7 +525,8 @@ class ShardDataset:
         workers = min(self.args.num_workers, len(shards))
         batches = self.batches_per_epoch(world_size)
         per_worker = self.samples_per_epoch() // (world_size * max(1, workers))
-        stream = _TrainStream(shards, self._processor(processor), self.args, seed, rank, batches, per_worker)
+        stream = _TrainStream(shards, self._processor(processor), self.args, seed, rank, batches, per_worker,
+                              self.feature_cache)
         return self._loader(stream, workers)
 
     def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,

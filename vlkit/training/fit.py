@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 
 from vlkit.config import Recipe
-from vlkit.errors import CheckpointError
+from vlkit.errors import CheckpointError, RecipeError
 from vlkit.model import VLM, build_model
 from vlkit.module import VLMModule
 from vlkit.registry import DATASETS
@@ -51,7 +51,7 @@ class PeriodicCheckpoint(Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step != self._saved_at:
-            trainer.save_checkpoint(self.dirpath)
+            trainer.save_checkpoint(self.dirpath, weights_only=False)  # with optimizer + loop state
             self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -248,6 +248,8 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
             load_stage_weights(model, pending)
         apply_trainable(model, stage, f"stages[{i}]")
         data = _stage_data(recipe, i, train_data)
+        if recipe.data.feature_cache and stage.objective != "distill":
+            data = _with_feature_cache(recipe, i, model, data, console)
         distiller = None
         if stage.objective == "distill":
             assert stage.distill is not None  # validated with the recipe
@@ -290,6 +292,25 @@ def _stage_data(recipe: Recipe, index: int, train_data: Any) -> Any:
     if stage.data.get("name", recipe.data.train["name"]) != recipe.data.train["name"]:
         return DATASETS.build(stage.data, f"stages[{index}].data")
     return DATASETS.build({**recipe.data.train, **stage.data}, f"stages[{index}].data")
+
+
+def _with_feature_cache(recipe: Recipe, index: int, model: VLM, data: Any, console: Console) -> Any:
+    """``data`` reading the cached streams of the model's encoders, when they are all frozen in stage
+    ``index`` (the cache is built for the encoders' current weights where missing); else ``data``."""
+    from vlkit.data.feature_cache import build_cache
+
+    stage = recipe.stages[index]
+    if any(p.requires_grad for p in model.encoders.parameters()):
+        console.print(f"stage {index} {stage.name!r} trains encoders: reading pixels, not the feature cache")
+        return data
+    if not hasattr(data, "with_feature_cache"):
+        raise RecipeError(f"the {type(data).__name__} dataset of stage {index} cannot read a feature cache; "
+                          "remove data.feature_cache", "data.feature_cache")
+    reader = build_cache(recipe, model, data.shards, recipe.data.feature_cache,
+                         show_progress=recipe.trainer.progress_bar)
+    console.print(f"stage {index} {stage.name!r}: encoders frozen, training reads cached streams from "
+                  f"{reader.folder}")
+    return data.with_feature_cache(reader)
 
 
 def evaluate(recipe: Recipe, model: VLM) -> dict[str, float]:

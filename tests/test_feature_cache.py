@@ -1,0 +1,137 @@
+"""Feature cache: frozen encoders' streams computed once, read instead of pixels, never stale."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlkit import build_model, load_recipe
+from vlkit.cli import main
+from vlkit.data.feature_cache import CacheReader, build_cache, fingerprint, shard_folder
+from vlkit.errors import DataError
+from vlkit.training.fit import fit
+
+
+def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
+    out = {}
+    for path in sorted(run_dir.glob("stage*/metrics.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    out[(path.parent.name, int(row["step"]))] = float(row["train/loss"])
+    return out
+
+
+def test_training_from_the_cache_matches_training_from_pixels(tiny_recipe: Path, tmp_path: Path, capsys):
+    cache = tmp_path / "cache"
+    plain = fit(load_recipe(tiny_recipe), tmp_path / "pixels")
+    cached = fit(load_recipe(tiny_recipe, [f"data.feature_cache={cache}"]), tmp_path / "cached")
+    a, b = _losses(tmp_path / "pixels"), _losses(tmp_path / "cached")
+    assert len(a) == 7 and a.keys() == b.keys()
+    for key in a:
+        assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    assert cached["val"]["val/accuracy"] == pytest.approx(plain["val"]["val/accuracy"])
+    assert "training reads cached streams" in capsys.readouterr().out
+    # one fingerprint folder (the encoder never trains), one cache folder per training shard
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 4
+
+
+def test_cached_streams_equal_the_encoders_output(tiny_recipe: Path, tmp_path: Path):
+    recipe = load_recipe(tiny_recipe)
+    model = build_model(recipe).eval()
+    shard = recipe.data.train["urls"].replace("{000000..000003}", "000000")
+    reader = build_cache(recipe, model, [shard], tmp_path / "cache", show_progress=False)
+    from vlkit.data.shards import _decode_image, _image_bytes, iter_tar_samples
+
+    processor = model.processor()
+    checked = 0
+    for key, files in iter_tar_samples(shard):
+        if _image_bytes(files) is None:
+            continue
+        cached = reader.lookup(shard, key, _image_bytes(files))
+        with torch.no_grad():
+            fresh = model.image_streams(processor.pixels(_decode_image(files))[None])
+        assert cached.streams.keys() == fresh.keys() == {"clip.tokens"}
+        torch.testing.assert_close(cached.streams["clip.tokens"], fresh["clip.tokens"], atol=1e-6, rtol=1e-5)
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5
+
+
+def test_a_changed_image_or_encoder_never_gets_stale_features(tiny_recipe: Path, tmp_path: Path):
+    recipe = load_recipe(tiny_recipe)
+    model = build_model(recipe)
+    shard = tmp_path / "train-000000.tar"
+    src = Path(recipe.data.train["urls"].replace("{000000..000003}", "000000"))
+    shutil.copy(src, shard)
+    reader = build_cache(recipe, model, [str(shard)], tmp_path / "cache", show_progress=False)
+
+    # a different image under the same key is refused by name, never served
+    from vlkit.data.shards import _image_bytes, iter_tar_samples
+
+    key, files = next((k, f) for k, f in iter_tar_samples(str(shard)) if _image_bytes(f) is not None)
+    with pytest.raises(DataError, match=f"sample {key}: the image differs"):
+        CacheReader(reader.folder).lookup(str(shard), key, _image_bytes(files) + b"x")
+    with pytest.raises(DataError, match="not in the feature cache"):
+        reader.lookup(str(shard), "no-such-key", b"img")
+
+    # rewriting the shard (new mtime/size) re-encodes it when the cache is built again
+    index_before = (shard_folder(reader.folder, str(shard)) / "index.json").stat().st_mtime_ns
+    _rewrite_with_one_corrupt_image(shard, key)
+    reader2 = build_cache(recipe, model, [str(shard)], tmp_path / "cache", show_progress=False)
+    assert reader2.folder == reader.folder
+    assert (shard_folder(reader.folder, str(shard)) / "index.json").stat().st_mtime_ns != index_before
+    # the corrupt image is reported as a bad sample (skipped like a corrupt image read from pixels)
+    assert "cannot decode image" in reader2.lookup(str(shard), key, b"not a png")
+
+    # other encoder weights or config -> another fingerprint (another folder)
+    with torch.no_grad():
+        next(model.encoders.parameters()).add_(1.0)
+    assert fingerprint(recipe, model) != reader.folder.name
+    other = load_recipe(tiny_recipe, ["model.encoders.0.keep_cls=true"])
+    assert fingerprint(other, build_model(other)) != reader.folder.name
+
+
+def _rewrite_with_one_corrupt_image(shard: Path, bad_key: str) -> None:
+    members = []
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            data = tar.extractfile(m).read()
+            if m.name.startswith(bad_key + ".") and not m.name.endswith(".json"):
+                data = b"not a png"
+            members.append((m, data))
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_stages_that_train_encoders_read_pixels(tiny_recipe: Path, tmp_path: Path, capsys):
+    recipe = load_recipe(tiny_recipe, [f"data.feature_cache={tmp_path / 'cache'}", "stages.0.trainable=[encoders, fusion]",
+                                       "stages.1.max_steps=2"])
+    fit(recipe, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "trains encoders: reading pixels" in out
+    assert "stage 1 'tune': encoders frozen, training reads cached streams" in out
+
+
+def test_cache_features_cli(tiny_recipe: Path, tmp_path: Path, capsys):
+    assert main(["cache-features", str(tiny_recipe), "--out", str(tmp_path / "cache")]) == 0
+    assert "cached the streams of 4 training shard(s)" in capsys.readouterr().out
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert (folder / "fingerprint.json").is_file()
+    # fit finds the same cache (same fingerprint) and does not rebuild it
+    stamp = {p: p.stat().st_mtime_ns for p in folder.rglob("index.json")}
+    fit(load_recipe(tiny_recipe, [f"data.feature_cache={tmp_path / 'cache'}", "stages.1.max_steps=1"]),
+        tmp_path / "run")
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("index.json")} == stamp
+    assert main(["cache-features", str(tiny_recipe)]) == 2
+    assert "pass --out DIR" in capsys.readouterr().err

@@ -1,0 +1,259 @@
+"""Feature cache: the streams of frozen encoders, computed once per training image and read instead of pixels.
+
+When every encoder is frozen for a stage, their output depends only on the image, so it can be computed
+once and stored. ``data.feature_cache: DIR`` in a recipe (or ``vlkit cache-features RECIPE``) keeps, per
+training shard, every sample's streams; the training loader then hands the model the cached streams
+instead of pixels, and the model runs only the fusion and the LLM on them (the same forward as from
+pixels; the image is not even decoded).
+
+Layout::
+
+    DIR/<fingerprint>/              one folder per encoder state (see :func:`fingerprint`)
+        fingerprint.json            what the fingerprint covers (encoder sections, views, image size)
+        <shard name>-<path hash>/   one folder per training shard
+            index.json              shard size + mtime, per sample: chunk file, sha1 of the image bytes,
+                                    or why the image could not be used
+            00000.safetensors ...   ``"<sample key>/<encoder key>.<stream>"`` -> ``(views, N, C)``
+
+Staleness is impossible by construction: the fingerprint covers the encoder sections of the recipe, their
+weights (so encoders trained by an earlier stage get a fresh cache), the image size and the views, and
+every read checks the sha1 of the sample's image bytes against the one the features were computed from.
+A changed image or a sample missing from the cache raises :class:`~vlkit.errors.DataError`; a shard that
+changed on disk (size or mtime) is re-encoded when the cache is (re)built.
+
+Features are computed with the encoders in eval mode, without autograd, in the encoders' dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlkit.errors import DataError
+
+if TYPE_CHECKING:
+    from vlkit.config import Recipe
+    from vlkit.model import VLM
+
+FORMAT = 1
+"""Bumped when the layout changes; part of the fingerprint."""
+CHUNK = 512
+"""Samples per safetensors file (bounds memory while building)."""
+INDEX = "index.json"
+
+
+def image_sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def fingerprint(recipe: Recipe, model: VLM) -> str:
+    """A hash of everything the cached streams depend on: the recipe's encoder sections, every encoder
+    weight (names, dtypes, shapes, values), the pixel size the data pipeline delivers and the views."""
+    h = hashlib.sha256()
+    desc = describe(recipe, model)
+    h.update(json.dumps(desc, sort_keys=True, default=str).encode())
+    for key, encoder in model.encoders.items():
+        for name, tensor in sorted(encoder.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{key}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def describe(recipe: Recipe, model: VLM) -> dict[str, Any]:
+    """The non-weight part of the fingerprint (written to ``fingerprint.json`` for people to read)."""
+    return {"format": FORMAT, "encoders": [dict(s) for s in recipe.model.encoders],
+            "image_size": model.image_size, "views": None if model.views is None else asdict(model.views),
+            "pad": model.processor().pad}
+
+
+@dataclass
+class CachedImage:
+    """An image whose encoder streams come from the feature cache: ``{"<key>.<stream>": (views, N, C)}``."""
+
+    streams: dict[str, torch.Tensor]
+
+
+@dataclass
+class CacheReader:
+    """Looks samples up in one fingerprint folder (picklable; opens files lazily in each loader worker)."""
+
+    folder: Path
+    _indexes: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _files: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "_indexes": {}, "_files": {}}
+
+    def _index(self, url: str) -> dict[str, Any]:
+        index = self._indexes.get(url)
+        if index is None:
+            path = shard_folder(self.folder, url) / INDEX
+            if not path.is_file():
+                raise DataError(f"{url} is not in the feature cache {self.folder}: build it with `vlkit "
+                                "cache-features RECIPE` (or let `vlkit fit` build it: data.feature_cache)")
+            index = json.loads(path.read_text())
+            self._indexes[url] = index
+        return index
+
+    def lookup(self, url: str, key: str, image: bytes | None) -> CachedImage | str | None:
+        """The cached streams of sample ``key`` of shard ``url`` whose image file holds ``image``; None for a
+        sample without an image; a string (the reason) for an image that could not be decoded when the
+        cache was built. Raises :class:`DataError` when the image is not the one the cache was built from."""
+        if image is None:
+            return None
+        entry = self._index(url)["samples"].get(key)
+        if entry is None:
+            raise DataError(f"{url}: sample {key} is not in the feature cache {self.folder}; the shard changed "
+                            "after the cache was built. Rebuild it (`vlkit cache-features`) or remove the folder")
+        if entry["sha1"] != image_sha1(image):
+            raise DataError(f"{url}: sample {key}: the image differs from the one its cached features were "
+                            f"computed from ({self.folder}); rebuild the cache (`vlkit cache-features`) or "
+                            "remove the folder")
+        if "bad" in entry:
+            return entry["bad"]
+        path = shard_folder(self.folder, url) / entry["chunk"]
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = safe_open(str(path), framework="pt")
+        prefix = f"{key}/"
+        return CachedImage({name: handle.get_tensor(prefix + name) for name in entry["streams"]})
+
+
+def shard_folder(root: Path, url: str) -> Path:
+    """Cache folder of shard ``url``: its name plus a hash of its absolute path (names repeat across datasets)."""
+    path = os.path.abspath(url)
+    return root / f"{Path(url).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def _shard_stamp(url: str) -> dict[str, int]:
+    st = os.stat(url)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_cached(folder: Path, url: str) -> bool:
+    """Whether shard ``url`` has a complete cache in ``folder`` made from its current file."""
+    try:
+        index = json.loads((shard_folder(folder, url) / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return index.get("format") == FORMAT and index.get("shard") == _shard_stamp(url)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _batches(url: str, pixels: Any, batch_size: int, bad: dict[str, tuple[str, str]]
+             ) -> Iterator[tuple[list[str], list[str], torch.Tensor]]:
+    """(keys, sha1s, stacked pixels) of the imaged samples of one shard; undecodable images go to ``bad``."""
+    from vlkit.data.shards import _BadSample, _decode_image, _image_bytes, iter_tar_samples
+
+    keys: list[str] = []
+    shas: list[str] = []
+    images: list[torch.Tensor] = []
+    for key, files in iter_tar_samples(url):
+        data = _image_bytes(files)
+        if data is None:
+            continue
+        try:
+            image = _decode_image(files)
+        except _BadSample as exc:
+            bad[key] = (image_sha1(data), str(exc))
+            continue
+        keys.append(key)
+        shas.append(image_sha1(data))
+        images.append(pixels(image))
+        if len(keys) == batch_size:
+            yield keys, shas, torch.stack(images)
+            keys, shas, images = [], [], []
+    if keys:
+        yield keys, shas, torch.stack(images)
+
+
+def _encode_shard(model: VLM, url: str, out: Path, batch_size: int, progress: Progress | None,
+                  task: Any) -> int:
+    """Encode every image of one shard into ``out`` (written under a temporary name, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    stamp = _shard_stamp(url)
+    processor = model.processor()
+    samples: dict[str, dict[str, Any]] = {}
+    bad: dict[str, tuple[str, str]] = {}
+    chunk: dict[str, torch.Tensor] = {}
+    n_chunk = 0
+    n = 0
+
+    def flush() -> None:
+        nonlocal chunk, n_chunk
+        if chunk:
+            save_file(chunk, str(tmp / f"{n_chunk:05d}.safetensors"))
+            chunk, n_chunk = {}, n_chunk + 1
+
+    device = next(model.parameters()).device
+    for keys, shas, pixels in _batches(url, processor.pixels, batch_size, bad):
+        streams = model.image_streams(pixels.to(device))
+        views = model.num_views
+        for i, (key, sha) in enumerate(zip(keys, shas)):
+            names = []
+            for name, tensor in streams.items():
+                chunk[f"{key}/{name}"] = tensor[i * views:(i + 1) * views].cpu().clone()
+                names.append(name)
+            samples[key] = {"sha1": sha, "chunk": f"{n_chunk:05d}.safetensors", "streams": names}
+        n += len(keys)
+        if len(chunk) >= CHUNK * max(1, len(streams)):
+            flush()
+        if progress is not None:
+            progress.advance(task, len(keys))
+    flush()
+    for key, (sha, reason) in bad.items():
+        samples[key] = {"sha1": sha, "bad": reason}
+    _atomic_json(tmp / INDEX, {"format": FORMAT, "shard": stamp, "url": os.path.abspath(url), "samples": samples})
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return n
+
+
+def build_cache(recipe: Recipe, model: VLM, shards: Sequence[str], root: str | Path, batch_size: int = 64,
+                show_progress: bool = True) -> CacheReader:
+    """Make sure ``root`` holds the streams of ``model``'s encoders (as they are now) for every image of
+    ``shards``, encoding the shards that are missing or changed, and return a reader for them."""
+    if model.holistic is not None:
+        raise DataError("the feature cache serves vision encoders whose output depends only on the image; a "
+                        "holistic encoder embeds the text too, so it cannot be cached (remove data.feature_cache)")
+    folder = Path(root) / fingerprint(recipe, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "fingerprint.json").is_file():
+        _atomic_json(folder / "fingerprint.json", describe(recipe, model))
+    todo = [url for url in shards if not is_cached(folder, url)]
+    if todo:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), Progress(disable=not show_progress, transient=False) as progress:
+                task = progress.add_task(f"caching features of {len(todo)} shard(s)", total=None)
+                for url in todo:
+                    _encode_shard(model, url, shard_folder(folder, url), batch_size, progress, task)
+        finally:
+            model.train(was_training)
+    return CacheReader(folder)
+
+
+__all__ = ["CacheReader", "CachedImage", "build_cache", "fingerprint", "is_cached", "shard_folder"]
