@@ -131,6 +131,73 @@ def test_cli_config_list_and_errors(tiny_recipe: Path, capsys):
 
 def test_console_script_help_for_every_command():
     for cmd in ([], ["fit"], ["validate"], ["predict"], ["list"], ["config"], ["sweep"], ["data"], ["data", "demo"],
-                ["data", "from-llava"]):
+                ["data", "from-llava"], ["cache-features"], ["mix-weights"]):
         res = subprocess.run([sys.executable, "-m", "vlkit.cli", *cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: vlkit" in res.stdout, (cmd, res.stderr)
+
+
+def _corrupt_copy(src: Path, dst: Path, bad_image: int, bad_json: int) -> tuple[str, str]:
+    """Copy a shard, replacing the image of sample ``bad_image`` and the JSON of sample ``bad_json``."""
+    import io
+    import tarfile
+
+    keys: list[str] = []
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            key, ext = m.name.split(".", 1)
+            if key not in keys:
+                keys.append(key)
+            i = keys.index(key)
+            if (i == bad_image and ext == "png") or (i == bad_json and ext == "json"):
+                data = b"\x89PNG broken" if ext == "png" else b"{not json"
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    return keys[bad_image], keys[bad_json]
+
+
+def test_fit_skips_and_counts_corrupt_samples_or_fails_fast_when_strict(tiny_recipe: Path, tmp_path: Path,
+                                                                        demo_dir: Path, capsys):
+    from vlkit.data.shards import _image_bytes, iter_tar_samples
+
+    shard = demo_dir / "train-000000.tar"
+    first = next(i for i, (_, f) in enumerate(iter_tar_samples(str(shard))) if _image_bytes(f))
+    bad_img, _ = _corrupt_copy(shard, tmp_path / "bad.tar", first, first + 1)
+    data = [f"data.train.urls={tmp_path / 'bad.tar'}", "data.train.shuffle_buffer=0",
+            "data.train.samples_per_epoch=16", "stages.0.max_steps=2", "stages.1.max_steps=2"]
+    vlkit.fit(vlkit.load_recipe(tiny_recipe, data), tmp_path / "run")
+    assert "skipped 2 corrupt or invalid training sample(s) this epoch" in capsys.readouterr().err
+    with open(tmp_path / "run" / "stage0-align" / "metrics.csv", newline="") as f:
+        skipped = [float(r["data/skipped"]) for r in csv.DictReader(f) if r.get("data/skipped")]
+    assert skipped and skipped[0] == 2.0
+    with pytest.raises(vlkit.errors.DataError, match=rf"bad.tar: sample {bad_img}: cannot decode image"):
+        vlkit.fit(vlkit.load_recipe(tiny_recipe, [*data, "data.train.strict=true"]), tmp_path / "strict")
+
+
+def test_cli_data_demo_builds_once_and_reuses(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    args = ["data", "demo", "--out", str(out), "--train-scenes", "20", "--val-scenes", "10"]
+    assert main(args) == 0
+    assert "demo dataset written" in capsys.readouterr().out
+    stamp = (out / "index.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "reusing it" in capsys.readouterr().out
+    assert (out / "index.json").stat().st_mtime_ns == stamp
+    # other arguments: refused (the folder holds another dataset), nothing is overwritten
+    assert main([*args[:-1], "11"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "index.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_data_from_llava(tmp_path: Path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), "blue").save(images / "a.png")
+    entries = [{"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "blue"}]},
+        {"id": "b", "image": "missing.png", "conversations": [
+            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    assert main(["data", "from-llava", str(tmp_path / "data.json"), str(images), "--out", str(tmp_path / "out")]) == 0
+    assert "train: 1 samples" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["train-000000.tar"]

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except VlkitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 

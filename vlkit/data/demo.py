@@ -20,12 +20,20 @@ Training samples are multi-turn (3-5 questions about one scene, task ``vqa``), c
 image." -> "a red circle on the left and a blue square on the right.", task ``caption``) and single-turn
 digits (held-out digit images never appear in training). Validation samples ask one question each, with
 the answers of every type exactly balanced, so a model that ignores the image scores about 0.28.
+
+A second task, in shards of its own (``box-000000.tar`` for training, ``box_val-000000.tar``), asks for
+the bounding box of a named shape: "Where is the red circle?" -> "[0.05, 0.31, 0.30, 0.58]" (``[x0, y0,
+x1, y1]`` normalised to [0, 1], 2 decimals; task and type ``box``). Its question is the one the
+``position`` type answers with a word, so a model can only tell the two apart by a task instruction (see
+:mod:`vlkit.data.mix`). The box samples come from an RNG stream of their own: the other shards are the
+same with or without them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import random
 import time
@@ -61,6 +69,8 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "digit": tuple(str(d) for d in range(10)),
 }
 """Every possible answer of each question type."""
+BOX_TYPE = "box"
+"""Task and question type of the box samples."""
 DIGIT_QUESTION = "What digit is this?"
 CAPTION_QUESTION = "Describe the image."
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -156,6 +166,25 @@ def caption(scene: Scene) -> str:
     parts = [f"{_a(o.color)} {o.shape} {_PLACE[o.position]}" for o in scene.objects]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text + "."
+
+
+def object_box(scene: Scene, index: int) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of object ``index`` as :func:`draw_scene` draws it, normalised to [0, 1]."""
+    obj = scene.objects[index]
+    dx, cy, s = scene.geometry[index]
+    x, y, r = (obj.slot + 0.5) / 3 + dx, cy, s / 2
+    if obj.shape == "square":
+        box = (x - 0.86 * r, y - 0.86 * r, x + 0.86 * r, y + 0.86 * r)
+    elif obj.shape == "triangle":
+        box = (x - r, y - r, x + r, y + 0.8 * r)
+    else:  # circle, cross
+        box = (x - r, y - r, x + r, y + r)
+    return tuple(min(1.0, max(0.0, v)) for v in box)  # type: ignore[return-value]
+
+
+def box_answer(box: tuple[float, float, float, float]) -> str:
+    """``[0.05, 0.31, 0.30, 0.58]``: the answer format of the box task."""
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
 def _question(kind: str, scene: Scene, rng: random.Random, answer: str | None = None) -> tuple[str, str] | None:
@@ -275,22 +304,46 @@ def _grammar_texts() -> Iterable[str]:
     yield "a red circle on the left, a blue square in the middle and a green cross on the right."
 
 
-def build_tokenizer(texts: Iterable[str], out: Path) -> Any:
+def _box_grammar_texts() -> Iterable[str]:
+    """Every word of the box task and of the built-in task instructions (the tokenizer's extension)."""
+    from vlkit.data.mix import INSTRUCTIONS
+
+    yield "[" + ", ".join(f"0.{i:02d}" for i in range(100)) + ", 1.00], [0, 1]"
+    yield from INSTRUCTIONS.values()
+
+
+def build_tokenizer(texts: Iterable[str], out: Path, extra_texts: Iterable[str] = ()) -> Any:
     """Train a word-level tokenizer on ``texts`` and save it (transformers format, ChatML chat template).
 
     Lower-cases; splits on whitespace and punctuation; special tokens ``<pad> <unk> <s> </s> <|im_start|>
     <|im_end|>`` (end of turn = eos). Decoding joins words with spaces (no space before punctuation).
+    The new words of ``extra_texts`` get ids after the trained vocabulary (in order of appearance), so
+    extending the texts this way leaves every id of the ``texts`` vocabulary as it was. With extra texts,
+    decimals (``0.05``) are single words and brackets decode without inner spaces, so a box answer
+    ``[0.05, 0.31, 0.30, 0.58]`` decodes back to itself.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    extra = list(extra_texts)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if extra:  # Whitespace's split (words, punctuation runs) with decimals kept whole
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d+\.\d+|\w+|[^\w\s]+"), behavior="removed", invert=True)
+        tok.decoder = decoders.Sequence([tok.decoder, decoders.Fuse(), decoders.Replace("[ ", "["),
+                                         decoders.Replace(" ]", "]")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=1 << 20, min_frequency=1, show_progress=False,
                                         special_tokens=list(SPECIAL_TOKENS))
     tok.train_from_iterator(texts, trainer)
+    if extra:
+        vocab = tok.get_vocab()
+        for text in extra:
+            for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+                vocab.setdefault(word, len(vocab))
+        tok.model = models.WordLevel(vocab, unk_token="<unk>")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
         additional_special_tokens=["</s>", "<|im_start|>"], chat_template=CHAT_TEMPLATE,
@@ -384,22 +437,43 @@ def _val_samples(rng: random.Random, per_type: int, digit_ids: list[int], target
     return samples
 
 
+def _box_samples(rng: random.Random, n: int, prefix: str) -> list[_Sample]:
+    """``n`` box-task samples: a scene and "Where is the {colour} {shape}?" -> its normalised box."""
+    samples: list[_Sample] = []
+    for i in range(n):
+        scene = _scene(rng, rng.randint(1, 3))
+        j = rng.randrange(len(scene.objects))
+        o = scene.objects[j]
+        turns = [(f"Where is the {o.color} {o.shape}?", box_answer(object_box(scene, j)))]
+        meta = {"conversations": _conversation(turns), "type": BOX_TYPE, "task": BOX_TYPE}
+        samples.append(_Sample(f"{prefix}{i:07d}", meta, scene=scene))
+    return samples
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
 
 
+def _box_counts(train_scenes: int, val_scenes: int, box_scenes: int | None) -> tuple[int, int]:
+    """(training, validation) box samples: ``box_scenes`` (default a fifth of ``train_scenes``) and, unless
+    that is 0, ``val_scenes // 5``."""
+    train = train_scenes // 5 if box_scenes is None else box_scenes
+    return train, (val_scenes // 5 if train > 0 else 0)
+
+
 def existing_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 1500, seed: int = 0,
-                  image_size: int = 64, digit_repeats: int = 4, caption_fraction: float = 0.2
-                  ) -> dict[str, Any] | None:
+                  image_size: int = 64, digit_repeats: int = 4, caption_fraction: float = 0.2,
+                  box_scenes: int | None = None) -> dict[str, Any] | None:
     """The index of a complete demo dataset in ``out`` built with these arguments, or None."""
     try:
         index = json.loads((Path(out) / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return None
     wanted = {"name": "vlkit data demo", "seed": seed, "image_size": image_size, "train_scenes": train_scenes,
-              "val_scenes": val_scenes, "digit_repeats": digit_repeats, "caption_fraction": caption_fraction}
+              "val_scenes": val_scenes, "digit_repeats": digit_repeats, "caption_fraction": caption_fraction,
+              "box_scenes": _box_counts(train_scenes, val_scenes, box_scenes)[0]}
     builder = index.get("builder") if isinstance(index, dict) else None
     if not isinstance(builder, dict) or any(builder.get(k) != v for k, v in wanted.items()):
         return None
@@ -411,22 +485,30 @@ def existing_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 
 
 def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 1500, seed: int = 0,
                image_size: int = 64, shards: int = 4, overwrite: bool = False, digit_repeats: int = 4,
-               caption_fraction: float = 0.2, progress: bool = True) -> dict[str, Any]:
+               caption_fraction: float = 0.2, progress: bool = True, box_scenes: int | None = None
+               ) -> dict[str, Any]:
     """Write the demo dataset to ``out`` and return its index (also written as ``out/index.json``).
 
-    ``out`` receives ``train-000000.tar`` ... (``shards`` of them), ``val-000000.tar``, ``tokenizer/``
-    and, last, ``index.json``.
+    ``out`` receives ``train-000000.tar`` ... (``shards`` of them), ``val-000000.tar``, ``box-000000.tar``,
+    ``box_val-000000.tar``, ``tokenizer/`` and, last, ``index.json`` (splits ``train``, ``val``, ``box``,
+    ``box_val``).
 
     - ``train_scenes`` scenes, of which ``caption_fraction`` become caption samples and the rest
       3-5-question conversations; plus every training digit ``digit_repeats`` times (copies after the
       first are shifted by up to 2 px).
     - ``val_scenes`` single-question samples, ``val_scenes // 5`` of each scene question type, plus as many
       held-out digits (up to 600), all with exactly balanced answers.
+    - ``box_scenes`` box-task samples for training (default ``train_scenes // 5``; 0: no box shards) and
+      ``val_scenes // 5`` for validation, drawn from an RNG stream of their own, so the train and val
+      shards are the same whatever ``box_scenes`` is. The tokenizer then also knows the box answers' and
+      the built-in task instructions' words (after the other words: their ids do not change).
 
     Refuses a non-empty ``out`` unless ``overwrite``.
     """
     if train_scenes < 1 or val_scenes < 5:
         raise DataError(f"need train_scenes >= 1 and val_scenes >= 5, got {train_scenes} and {val_scenes}")
+    if box_scenes is not None and box_scenes < 0:
+        raise DataError(f"box_scenes must be 0 (no box task) or more, got {box_scenes}")
     if shards < 1:
         raise DataError(f"shards must be at least 1, got {shards}")
     if image_size < 16:
@@ -442,18 +524,25 @@ def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 150
     caption_every = round(1 / caption_fraction) if caption_fraction > 0 else 0
     train = _train_samples(rng, train_scenes, train_digits, targets, digit_repeats, caption_every, image_size)
     val = _val_samples(rng, per_type, val_digits, targets)
+    n_box, n_box_val = _box_counts(train_scenes, val_scenes, box_scenes)
+    box_rng = random.Random(f"vlkit-demo-box:{seed}")
+    box = _box_samples(box_rng, n_box, "box")
+    box_val = _box_samples(box_rng, n_box_val, "boxval")
 
-    def texts() -> Iterable[str]:
-        yield from _grammar_texts()
-        for s in (*train, *val):
+    def texts(samples: Iterable[_Sample]) -> Iterable[str]:
+        for s in samples:
             for turn in s.meta["conversations"]:
                 yield turn["value"].replace("<image>", " ")
 
-    tokenizer = build_tokenizer(texts(), out / ".tokenizer.tmp")
+    extra = [*_box_grammar_texts(), *texts(box + box_val)] if n_box else []
+    tokenizer = build_tokenizer(itertools.chain(_grammar_texts(), texts(train + val)), out / ".tokenizer.tmp",
+                                extra)
     check_tokenizer(tokenizer)
 
     splits: dict[str, Any] = {}
     plan = [("train", train, -(-len(train) // shards)), ("val", val, len(val))]
+    if n_box:
+        plan += [("box", box, len(box)), ("box_val", box_val, max(1, len(box_val)))]
     with _progress(progress) as bar:
         for split, samples, shard_size in plan:
             task = bar.add_task(f"writing {split}", total=len(samples)) if bar is not None else None
@@ -477,7 +566,8 @@ def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 150
         "tokenizer": "tokenizer",
         "builder": {"name": "vlkit data demo", "seed": seed, "image_size": image_size,
                     "train_scenes": train_scenes, "val_scenes": val_scenes, "digit_repeats": digit_repeats,
-                    "caption_fraction": caption_fraction, "seconds": round(time.time() - start, 1)},
+                    "caption_fraction": caption_fraction, "box_scenes": n_box,
+                    "seconds": round(time.time() - start, 1)},
         "answers": {k: list(v) for k, v in ANSWERS.items()},
     }
     write_index(out, index)
@@ -492,5 +582,6 @@ def _progress(enabled: bool) -> Any:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
-__all__ = ["ANSWERS", "CHAT_TEMPLATE", "COLORS", "POSITIONS", "QUESTION_TYPES", "SHAPES", "Scene", "Shape",
-           "build_demo", "build_tokenizer", "caption", "check_tokenizer", "draw_digit", "draw_scene"]
+__all__ = ["ANSWERS", "BOX_TYPE", "CHAT_TEMPLATE", "COLORS", "POSITIONS", "QUESTION_TYPES", "SHAPES", "Scene",
+           "Shape", "box_answer", "build_demo", "build_tokenizer", "caption", "check_tokenizer", "draw_digit",
+           "draw_scene", "object_box"]

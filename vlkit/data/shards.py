@@ -17,6 +17,11 @@ with a seed derived from ``seed`` and the pass number, samples go through a shuf
 loader "epoch" yields exactly ``samples_per_epoch // (world_size * batch_size)`` batches so that
 distributed ranks stay in step. Corrupt samples are skipped and counted in each batch's ``skipped``
 (or raise :class:`~vlkit.errors.DataError` with ``strict: true``).
+
+Other datasets can build on these streams (the ``mix`` dataset does): :meth:`ShardDataset.train_stream`
+gives a rank's stream, whose ``features`` method yields single parsed samples, with an optional
+``rewrite`` of each sample's messages before tokenizing; :func:`collate_batch` and :func:`data_loader`
+make batches and loaders of them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import tarfile
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -191,22 +196,81 @@ def _answers(conversations: list[Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------- streams
 
 
+Rewrite = Callable[[list[Message]], list[Message]]
+"""Applied to a sample's messages before tokenizing (e.g. the ``mix`` dataset's task instruction); must be
+picklable (loader workers) and may raise :class:`~vlkit.errors.DataError` to skip the sample."""
+
+
+def _worker() -> tuple[int, int]:
+    """(id, count) of the data-loader worker running this code; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def collate_batch(processor: VLMProcessor, feats: list[dict[str, Any]], skipped: int, prompt: bool
+                  ) -> dict[str, Any]:
+    """A batch of parsed samples: right-padded training features, or (``prompt``) left-padded prompts with
+    the whole conversations as ``loss_batch``; ``skipped`` counts the samples skipped before them."""
+    if prompt:
+        losses = [f.pop("loss") for f in feats]
+        batch = processor.collate(feats, padding_side="left")
+        batch["loss_batch"] = processor.collate(losses, padding_side="right")
+        batch["loss_batch"]["pixel_values"] = batch["pixel_values"]  # one tensor: pickled once
+    else:
+        batch = processor.collate(feats, padding_side="right")
+    batch["skipped"] = skipped
+    return batch
+
+
+def data_loader(stream: IterableDataset, workers: int) -> DataLoader:
+    """A loader over a stream that yields whole batches, with ``workers`` persistent worker processes."""
+    if workers > 0:
+        # tokenizers' thread pool does not survive fork; avoid its warning (and any deadlock)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      prefetch_factor=2 if workers > 0 else None)
+
+
+class EpochStream(IterableDataset):
+    """An infinite stream of batches served in loader epochs of ``batches`` batches, split across the
+    loader's workers. The stream persists across epochs (in the worker process when loader workers are
+    used), so an epoch continues where the previous one stopped. Subclasses implement :meth:`_batches`."""
+
+    batches: int
+    _gen: Iterator[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        if self._gen is None:
+            self._gen = self._batches(worker, workers)
+        count = self.batches // workers + (1 if worker < self.batches % workers else 0)
+        for _ in range(count):
+            yield next(self._gen)
+
+    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """The endless batches of loader worker ``worker`` of ``workers``."""
+        raise NotImplementedError
+
+
 class _Stream(IterableDataset):
     """Shared sample parsing for the train and validation streams (runs inside loader workers)."""
 
     def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
-                 cache: CacheReader | None = None) -> None:
+                 cache: CacheReader | None = None, rewrite: Rewrite | None = None) -> None:
         super().__init__()
         self.shards = shards
         self.processor = processor
         self.args = args
         self.cache = cache
+        self.rewrite = rewrite
         self.tasks = set(args.tasks) if args.tasks is not None else None
         self._warned = 0
 
     def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        return _worker()
 
     def _skip(self, url: str, key: str, reason: str) -> None:
         """Raise under strict, else warn about the first few skipped samples."""
@@ -241,6 +305,8 @@ class _Stream(IterableDataset):
         conv = _check_conversations(meta)
         try:
             messages: list[Message] = messages_from_llava(conv)
+            if self.rewrite is not None:
+                messages = self.rewrite(messages)
             if self.cache is not None:
                 image = self.cache.lookup(url, key, _image_bytes(files))
                 if isinstance(image, str):
@@ -265,27 +331,19 @@ class _Stream(IterableDataset):
         return feats
 
     def _collate(self, feats: list[dict[str, Any]], skipped: int, prompt: bool) -> dict[str, Any]:
-        if prompt:
-            losses = [f.pop("loss") for f in feats]
-            batch = self.processor.collate(feats, padding_side="left")
-            batch["loss_batch"] = self.processor.collate(losses, padding_side="right")
-            batch["loss_batch"]["pixel_values"] = batch["pixel_values"]  # one tensor: pickled once
-        else:
-            batch = self.processor.collate(feats, padding_side="right")
-        batch["skipped"] = skipped
-        return batch
+        return collate_batch(self.processor, feats, skipped, prompt)
 
 
-class _TrainStream(_Stream):
+class _TrainStream(_Stream, EpochStream):
     """Infinite, reshuffled stream of right-padded training batches; each epoch is ``batches`` long.
 
-    The stream persists across epochs (in the worker process when loader workers are used), so an epoch
-    continues where the previous one stopped instead of restarting the shards.
+    :meth:`features` is the same stream one parsed sample at a time (what a ``mix`` dataset interleaves).
     """
 
     def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args, seed: int,
-                 rank: int, batches: int, samples_per_worker: int, cache: CacheReader | None = None) -> None:
-        super().__init__(shards, processor, args, cache)
+                 rank: int, batches: int, samples_per_worker: int, cache: CacheReader | None = None,
+                 rewrite: Rewrite | None = None) -> None:
+        super().__init__(shards, processor, args, cache, rewrite)
         self.seed = seed
         self.rank = rank
         self.batches = batches
@@ -293,17 +351,6 @@ class _TrainStream(_Stream):
         self.bufsize = max(1, min(args.shuffle_buffer, samples_per_worker)) if args.shuffle_buffer > 0 else 0
         self._gen: Iterator[dict[str, Any]] | None = None
         self._pass_size: int | None = None  # raw samples in one pass over the worker's shards, once known
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, workers = self._worker()
-        if self._gen is None:
-            self._gen = self._batches(worker, workers)
-        count = self.batches // workers + (1 if worker < self.batches % workers else 0)
-        for _ in range(count):
-            yield next(self._gen)
 
     def _samples(self, worker: int, workers: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         shards = self.shards[worker::workers]
@@ -332,8 +379,9 @@ class _TrainStream(_Stream):
             self._pass_size = read
             epoch += 1
 
-    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        feats: list[dict[str, Any]] = []
+    def features(self, worker: int, workers: int) -> Iterator[tuple[dict[str, Any], int]]:
+        """The endless training samples of loader worker ``worker`` of ``workers``, parsed and tokenized:
+        ``(features, samples skipped since the previous one)``. Collate with :func:`collate_batch`."""
         skipped = 0
         since_valid = 0
         last_reason = "filtered out by tasks"
@@ -355,7 +403,15 @@ class _TrainStream(_Stream):
                                     f"{', '.join(self.shards)} (last problem: {last_reason})")
                 continue
             since_valid = 0
+            yield f, skipped
+            skipped = 0
+
+    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        feats: list[dict[str, Any]] = []
+        skipped = 0
+        for f, skips in self.features(worker, workers):
             feats.append(f)
+            skipped += skips
             if len(feats) == self.args.batch_size:
                 yield self._collate(feats, skipped, prompt=False)
                 feats, skipped = [], 0
@@ -371,8 +427,9 @@ class _ValStream(_Stream):
     """
 
     def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
-                 max_samples: int | None, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(shards, processor, args)
+                 max_samples: int | None, rank: int = 0, world_size: int = 1, rewrite: Rewrite | None = None
+                 ) -> None:
+        super().__init__(shards, processor, args, rewrite=rewrite)
         self.max_samples = max_samples
         self.rank, self.world_size = rank, world_size
 
@@ -501,13 +558,38 @@ class ShardDataset:
     def _processor(self, processor: VLMProcessor) -> VLMProcessor:
         return dataclasses.replace(processor, max_length=self.args.max_length, train_on=self.args.train_on)
 
-    @staticmethod
-    def _loader(stream: IterableDataset, workers: int) -> DataLoader:
-        if workers > 0:
-            # tokenizers' thread pool does not survive fork; avoid its warning (and any deadlock)
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=2 if workers > 0 else None)
+    def rank_shards(self, rank: int, world_size: int) -> list[str]:
+        """The training shards of rank ``rank`` (raises :class:`DataError` when there are fewer than ranks)."""
+        if len(self.shards) < world_size:
+            raise DataError(f"{self.args.urls!r} has {len(self.shards)} shard(s) but training runs on "
+                            f"{world_size} ranks; every rank needs at least one shard: write more, smaller "
+                            "shards (e.g. `vlkit data demo --out DIR` writes 4) or train on fewer devices")
+        return split_shards(self.shards, rank, world_size)
+
+    def train_stream(self, processor: VLMProcessor, seed: int, rank: int, world_size: int, workers: int,
+                     rewrite: Rewrite | None = None) -> _TrainStream:
+        """The training stream of rank ``rank`` read by ``workers`` loader workers (at most
+        ``len(rank_shards(...))``): whole batches when iterated, single samples through its ``features``
+        method. ``rewrite`` transforms each sample's messages before tokenizing."""
+        shards = self.rank_shards(rank, world_size)
+        per_worker = self.samples_per_epoch() // (world_size * max(1, workers))
+        return _TrainStream(shards, self._processor(processor), self.args, seed, rank,
+                            self.batches_per_epoch(world_size), per_worker, self.feature_cache, rewrite)
+
+    def val_stream(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
+                   max_samples: int | None = None, rewrite: Rewrite | None = None) -> _ValStream:
+        """The validation stream :meth:`val_loader` reads (``rewrite`` as in :meth:`train_stream`)."""
+        return _ValStream(self.shards, self._processor(processor), self.args, max_samples, rank, world_size,
+                          rewrite)
+
+    def val_workers(self, rank: int, world_size: int, max_samples: int | None) -> int:
+        """Loader workers for validation: ``num_workers``, capped by the rank's shards and ``max_samples``."""
+        workers = self.args.num_workers
+        if len(self.shards) >= world_size:
+            workers = min(workers, len(split_shards(self.shards, rank, world_size)))
+        if max_samples is not None:
+            workers = min(workers, max(1, max_samples // world_size))
+        return workers
 
     def train_loader(self, processor: VLMProcessor, seed: int = 0, rank: int = 0,
                      world_size: int = 1) -> DataLoader:
@@ -517,17 +599,8 @@ class ShardDataset:
         next continues the stream. A batch is the processor's collate output plus lists ``__key__``,
         ``__url__``, ``type`` and the int ``skipped`` (samples the worker skipped since its last batch).
         """
-        if len(self.shards) < world_size:
-            raise DataError(f"{self.args.urls!r} has {len(self.shards)} shard(s) but training runs on "
-                            f"{world_size} ranks; every rank needs at least one shard: write more, smaller "
-                            "shards (e.g. `vlkit data demo --out DIR` writes 4) or train on fewer devices")
-        shards = split_shards(self.shards, rank, world_size)
-        workers = min(self.args.num_workers, len(shards))
-        batches = self.batches_per_epoch(world_size)
-        per_worker = self.samples_per_epoch() // (world_size * max(1, workers))
-        stream = _TrainStream(shards, self._processor(processor), self.args, seed, rank, batches, per_worker,
-                              self.feature_cache)
-        return self._loader(stream, workers)
+        workers = min(self.args.num_workers, len(self.rank_shards(rank, world_size)))
+        return data_loader(self.train_stream(processor, seed, rank, world_size, workers), workers)
 
     def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
                    max_samples: int | None = None) -> DataLoader:
@@ -538,13 +611,8 @@ class ShardDataset:
         int ``skipped``. Ranks split the shards, or the samples when there are fewer shards than ranks;
         ``max_samples`` caps the samples of all ranks together.
         """
-        workers = self.args.num_workers
-        if len(self.shards) >= world_size:
-            workers = min(workers, len(split_shards(self.shards, rank, world_size)))
-        if max_samples is not None:
-            workers = min(workers, max(1, max_samples // world_size))
-        stream = _ValStream(self.shards, self._processor(processor), self.args, max_samples, rank, world_size)
-        return self._loader(stream, workers)
+        stream = self.val_stream(processor, rank, world_size, max_samples)
+        return data_loader(stream, self.val_workers(rank, world_size, max_samples))
 
     # ------------------------------------------------------------------------------------------ answers
 
@@ -759,5 +827,6 @@ def write_index(out: Path, index: dict[str, Any]) -> None:
     tmp.replace(Path(out) / INDEX_FILE)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ShardDataset", "SplitWriter", "expand_urls", "iter_tar_samples",
-           "prepare_out_dir", "sample_key", "split_shards", "write_index"]
+__all__ = ["IMAGE_EXTENSIONS", "EpochStream", "Rewrite", "ShardDataset", "SplitWriter", "collate_batch",
+           "data_loader", "expand_urls", "iter_tar_samples", "prepare_out_dir", "sample_key", "split_shards",
+           "write_index"]
