@@ -123,6 +123,23 @@ def test_stages_that_train_encoders_read_pixels(tiny_recipe: Path, tmp_path: Pat
     assert "stage 1 'tune': encoders frozen, training reads cached streams" in out
 
 
+def test_a_resumed_stage_caches_the_trained_encoder_not_a_fresh_one(tiny_recipe: Path, tmp_path: Path):
+    from lightning.pytorch.callbacks import Callback
+
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.stage.name == "tune" and trainer.global_step == 3:
+                raise RuntimeError("simulated crash")
+
+    cache = tmp_path / "cache"
+    recipe = load_recipe(tiny_recipe, [f"data.feature_cache={cache}", "stages.0.trainable=[encoders, fusion]"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(recipe, tmp_path / "run", callbacks=[Crash()])
+    before = sorted(p.name for p in cache.iterdir())
+    fit(recipe, tmp_path / "run")  # resumes stage 1 at its step-2 checkpoint
+    assert sorted(p.name for p in cache.iterdir()) == before and len(before) == 1
+
+
 def test_cache_features_cli(tiny_recipe: Path, tmp_path: Path, capsys):
     assert main(["cache-features", str(tiny_recipe), "--out", str(tmp_path / "cache")]) == 0
     assert "cached the streams of 4 training shard(s)" in capsys.readouterr().out

@@ -251,10 +251,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         _check_keys(spec.overrides, "overrides")
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
-    recipe_path = path.parent / spec.recipe
+    recipe_path = Path(os.path.normpath(path.parent / spec.recipe))
     if out is None:
         out = path.parent / spec.out if spec.out else path.parent / "runs" / path.stem
-    out = Path(out)
+    out = Path(os.path.normpath(out))
     common = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
 
     sweep_cells: list[Cell] = []

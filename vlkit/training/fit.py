@@ -244,6 +244,8 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         ckpt_path = str(resume) if (resume / "state.pt").exists() else None
         if ckpt_path:
             console.print(f"[cyan]resuming stage {i} {stage.name!r} from {resume}[/]")
+            # Lightning restores them again in fit(); loading now lets the feature cache see these weights
+            load_stage_weights(model, resume)
         elif pending is not None:
             load_stage_weights(model, pending)
         apply_trainable(model, stage, f"stages[{i}]")
