@@ -152,3 +152,22 @@ def test_cache_features_cli(tiny_recipe: Path, tmp_path: Path, capsys):
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("index.json")} == stamp
     assert main(["cache-features", str(tiny_recipe)]) == 2
     assert "pass --out DIR" in capsys.readouterr().err
+
+
+def test_cached_batches_give_the_same_loss_with_views(tiny_recipe: Path, tmp_path: Path):
+    """Sub-image views: the cache stores every view's streams per image; the loss is the pixel path's."""
+    from vlkit.registry import DATASETS
+
+    recipe = load_recipe(tiny_recipe, ["model.views={grid: 2, size: 16}"])
+    torch.manual_seed(0)
+    model = build_model(recipe).eval()
+    data = DATASETS.build({**recipe.data.train, "urls": recipe.data.train["urls"].replace("{000000..000003}", "000001")},
+                          "data.train")
+    cached = data.with_feature_cache(build_cache(recipe, model, data.shards, tmp_path / "c", show_progress=False))
+    proc = model.processor()
+    a = next(iter(data.train_loader(proc, seed=3)))
+    b = next(iter(cached.train_loader(proc, seed=3)))
+    assert b["pixel_values"] is None and b["image_streams"]["clip.tokens"].shape[1] == 5  # global + 2x2 views
+    assert a["__key__"] == b["__key__"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).loss, model(**a).loss, atol=1e-5, rtol=0)
