@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -224,8 +225,6 @@ def _encode_shard(model: VLM, url: str, out: Path, batch_size: int, progress: Pr
         samples[key] = {"sha1": sha, "bad": reason}
     _atomic_json(tmp / INDEX, {"format": FORMAT, "shard": stamp, "url": os.path.abspath(url), "samples": samples})
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return n

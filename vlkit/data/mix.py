@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vlkit.data.conversation import Message
 from vlkit.data.processor import VLMProcessor
-from vlkit.data.shards import EpochStream, collate_batch, data_loader
+from vlkit.data.shards import EpochCounts, EpochStream, collate_batch, data_loader
 from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
 
@@ -221,7 +221,7 @@ class _MixValStream(IterableDataset):
 
 
 @DATASETS.register("mix")
-class MixDataset:
+class MixDataset(EpochCounts):
     """Several datasets sampled by weight, each a named task with its own instruction (see the module)."""
 
     @dataclass
@@ -307,18 +307,7 @@ class MixDataset:
         """Samples of all members together."""
         return sum(d.num_samples() for d in self.datasets)
 
-    def samples_per_epoch(self) -> int:
-        """``samples_per_epoch`` if set, else :meth:`num_samples`."""
-        return self.args.samples_per_epoch or self.num_samples()
-
-    def batches_per_epoch(self, world_size: int = 1) -> int:
-        """Batches each rank yields per loader epoch: ``samples_per_epoch // (world_size * batch_size)``."""
-        return max(1, self.samples_per_epoch() // (world_size * self.args.batch_size))
-
     # ------------------------------------------------------------------------------------------ loaders
-
-    def _processor(self, processor: VLMProcessor) -> VLMProcessor:
-        return dataclasses.replace(processor, max_length=self.args.max_length, train_on=self.args.train_on)
 
     def train_loader(self, processor: VLMProcessor, seed: int = 0, rank: int = 0,
                      world_size: int = 1) -> DataLoader:

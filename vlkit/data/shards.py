@@ -474,8 +474,30 @@ class _ValStream(_Stream):
 # --------------------------------------------------------------------------------------------- dataset
 
 
+class EpochCounts:
+    """Epoch arithmetic and per-dataset tokenizing options shared by the training datasets: needs ``args``
+    (with ``samples_per_epoch``, ``batch_size``, ``max_length``, ``train_on``) and ``num_samples()``."""
+
+    args: Any
+
+    def num_samples(self) -> int:  # pragma: no cover - implemented by each dataset
+        raise NotImplementedError
+
+    def samples_per_epoch(self) -> int:
+        """``samples_per_epoch`` if set, else :meth:`num_samples`."""
+        return self.args.samples_per_epoch or self.num_samples()
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """Batches each rank yields per loader epoch: ``samples_per_epoch // (world_size * batch_size)``."""
+        return max(1, self.samples_per_epoch() // (world_size * self.args.batch_size))
+
+    def _processor(self, processor: VLMProcessor) -> VLMProcessor:
+        """``processor`` with this dataset's ``max_length`` and ``train_on``."""
+        return dataclasses.replace(processor, max_length=self.args.max_length, train_on=self.args.train_on)
+
+
 @DATASETS.register("shards")
-class ShardDataset:
+class ShardDataset(EpochCounts):
     """Webdataset tar shards of LLaVA-style conversations (``vlkit data demo`` / ``from-llava`` output)."""
 
     @dataclass
@@ -545,18 +567,7 @@ class ShardDataset:
             self._num_samples = counted
         return self._num_samples
 
-    def samples_per_epoch(self) -> int:
-        """``samples_per_epoch`` if set, else :meth:`num_samples`."""
-        return self.args.samples_per_epoch or self.num_samples()
-
-    def batches_per_epoch(self, world_size: int = 1) -> int:
-        """Batches each rank yields per loader epoch: ``samples_per_epoch // (world_size * batch_size)``."""
-        return max(1, self.samples_per_epoch() // (world_size * self.args.batch_size))
-
     # ------------------------------------------------------------------------------------------ loaders
-
-    def _processor(self, processor: VLMProcessor) -> VLMProcessor:
-        return dataclasses.replace(processor, max_length=self.args.max_length, train_on=self.args.train_on)
 
     def rank_shards(self, rank: int, world_size: int) -> list[str]:
         """The training shards of rank ``rank`` (raises :class:`DataError` when there are fewer than ranks)."""
