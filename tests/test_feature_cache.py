@@ -171,3 +171,61 @@ def test_cached_batches_give_the_same_loss_with_views(tiny_recipe: Path, tmp_pat
     assert a["__key__"] == b["__key__"]
     with torch.no_grad():
         torch.testing.assert_close(model(**b).loss, model(**a).loss, atol=1e-5, rtol=0)
+
+
+_BUILDER = """
+import sys, time
+from pathlib import Path
+import torch
+import vlkit.data.feature_cache as fc
+from vlkit import build_model, load_recipe
+from vlkit.data.shards import expand_urls
+
+recipe_path, root, name = sys.argv[1:]
+recipe = load_recipe(recipe_path)
+torch.manual_seed(0)
+model = build_model(recipe)
+encoded = []
+encode = fc._encode_shard
+fc._encode_shard = lambda model, url, *a: encoded.append(url) or encode(model, url, *a)
+Path(root, name + ".ready").touch()
+while not Path(root, "go").exists():  # start both builds together
+    time.sleep(0.01)
+shards = expand_urls(recipe.data.train["urls"])
+reader = fc.build_cache(recipe, model, shards, root, show_progress=False)
+print("encoded", len(encoded), "folder", reader.folder.name)
+"""
+
+
+def test_processes_building_one_cache_at_once_encode_each_shard_once(tiny_recipe: Path, tmp_path: Path):
+    """DDP ranks and parallel sweep cells share a cache folder: one process encodes a shard, the others wait
+    for it and read it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from vlkit.data.shards import expand_urls
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    shards = expand_urls(load_recipe(tiny_recipe).data.train["urls"])
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(tiny_recipe), str(root), f"p{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+             for i in range(2)]
+    deadline = time.time() + 120
+    while not all((root / f"p{i}.ready").exists() for i in range(2)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (root / "go").touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    counts = [int(out.split()[1]) for out, _ in outs]
+    assert sum(counts) == len(shards) == 4, outs
+    assert len({out.split()[3] for out, _ in outs}) == 1  # the same fingerprint folder
+    reader = CacheReader(root / outs[0][0].split()[3])
+    from vlkit.data.shards import _image_bytes, iter_tar_samples
+
+    for url in shards:
+        key, files = next((k, f) for k, f in iter_tar_samples(url) if _image_bytes(f) is not None)
+        assert reader.lookup(url, key, _image_bytes(files)).streams.keys() == {"clip.tokens"}

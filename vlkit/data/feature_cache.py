@@ -21,7 +21,9 @@ every read checks the sha1 of the sample's image bytes against the one the featu
 A changed image or a sample missing from the cache raises :class:`~vlkit.errors.DataError`; a shard that
 changed on disk (size or mtime) is re-encoded when the cache is (re)built.
 
-Features are computed with the encoders in eval mode, without autograd, in the encoders' dtype.
+Features are computed with the encoders in eval mode, without autograd, in the encoders' dtype. Several
+processes may build one cache at once (DDP ranks, parallel sweep cells): a lock file per shard makes one of
+them encode it while the others wait and then read it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock
 from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -249,7 +252,10 @@ def build_cache(recipe: Recipe, model: VLM, shards: Sequence[str], root: str | P
             with torch.no_grad(), Progress(disable=not show_progress, transient=False) as progress:
                 task = progress.add_task(f"caching features of {len(todo)} shard(s)", total=None)
                 for url in todo:
-                    _encode_shard(model, url, shard_folder(folder, url), batch_size, progress, task)
+                    out = shard_folder(folder, url)
+                    with FileLock(out.parent / f".{out.name}.lock"):
+                        if not is_cached(folder, url):  # another process may have built it while we waited
+                            _encode_shard(model, url, out, batch_size, progress, task)
         finally:
             model.train(was_training)
     return CacheReader(folder)
