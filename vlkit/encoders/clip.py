@@ -17,22 +17,20 @@ pooling head are pruned, so every remaining parameter receives gradients when th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlkit.encoders import check_one_source, existing_path, resolve_layer, split_source
+from vlkit.encoders._open_clip import NO_BASE_WEIGHTS, WEIGHT_SUFFIXES, create_named, mean_std
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 @ENCODERS.register("clip")
@@ -109,8 +107,8 @@ class CLIPEncoder(VisionEncoder):
         self.stream_dims = {"tokens": visual.transformer.width}
         self.preprocess = Preprocess(
             size=height,
-            mean=_triple(preprocess_cfg.get("mean"), CLIP_MEAN),
-            std=_triple(preprocess_cfg.get("std"), CLIP_STD),
+            mean=mean_std("clip", preprocess_cfg.get("mean"), CLIP_MEAN),
+            std=mean_std("clip", preprocess_cfg.get("std"), CLIP_STD),
         )
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -131,17 +129,6 @@ class CLIPEncoder(VisionEncoder):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
-    if value is None:
-        return default
-    values = tuple(float(v) for v in value)
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise RecipeError(f"clip encoder: preprocess mean/std must have 3 values, got {list(value)}")
-    return values  # type: ignore[return-value]
-
-
 def _visual_and_preprocess(model: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Keep the image tower only (the text tower is freed with ``model``)."""
     from open_clip.model import get_model_preprocess_cfg
@@ -150,42 +137,8 @@ def _visual_and_preprocess(model: Any) -> tuple[torch.nn.Module, dict[str, Any]]
     return model.visual, preprocess_cfg
 
 
-_CREATE_KWARGS: dict[str, Any] = {
-    "force_patch_dropout": 0.0,  # a fixed token count per image
-    "pretrained_text": False,    # never fetch base weights for an HF text tower that is dropped anyway
-    "pretrained_image": False,
-}
-
-
 def _from_name(name: str, pretrained: str | None, image_size: int | None) -> tuple[torch.nn.Module, dict]:
-    import open_clip
-
-    cleaned = name.replace("/", "-")
-    models = open_clip.list_models()
-    if cleaned not in models:
-        close = difflib.get_close_matches(cleaned, models, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise RecipeError(f"clip encoder: unknown open_clip model {name!r}.{hint} See open_clip.list_models(); "
-                          f"for a local folder use `checkpoint: local-dir:PATH`")
-    if pretrained is not None:
-        tags = open_clip.list_pretrained_tags_by_model(cleaned)
-        if pretrained not in tags:
-            path = Path(pretrained).expanduser()
-            looks_like_path = "/" in pretrained or "\\" in pretrained or path.suffix in _WEIGHT_SUFFIXES
-            if looks_like_path and not path.is_file():
-                raise CheckpointError(f"clip encoder: weights file not found: {path} (from `pretrained`)")
-            if not looks_like_path:
-                raise RecipeError(f"clip encoder: {pretrained!r} is neither a pretrained tag of {cleaned!r} "
-                                  f"(tags: {', '.join(tags) or 'none'}) nor a weights file")
-            pretrained = str(path)
-    try:
-        model = open_clip.create_model(cleaned, pretrained=pretrained, force_image_size=image_size,
-                                       **_CREATE_KWARGS)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"clip encoder: cannot load {cleaned!r} with pretrained={pretrained!r}: {exc}. Without network "
-            f"access, pretrained tags must already be in the Hugging Face cache."
-        ) from exc
+    model = create_named("clip", name, pretrained, image_size, force_patch_dropout=0.0)  # fixed token count
     return _visual_and_preprocess(model)
 
 
@@ -202,7 +155,7 @@ def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[torch.nn.
             )
         if not (folder / "open_clip_config.json").is_file():
             raise CheckpointError(f"clip checkpoint folder {folder} has no open_clip_config.json")
-        if not any(next(folder.glob(f"*{suffix}"), None) for suffix in _WEIGHT_SUFFIXES):
+        if not any(next(folder.glob(f"*{suffix}"), None) for suffix in WEIGHT_SUFFIXES):
             raise CheckpointError(
                 f"clip checkpoint folder {folder} has no weights file (expected open_clip_model.safetensors "
                 f"or open_clip_pytorch_model.bin)"
@@ -211,7 +164,8 @@ def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[torch.nn.
     else:
         source = f"hf-hub:{target}"
     try:
-        model = open_clip.create_model(source, force_image_size=image_size, **_CREATE_KWARGS)
+        model = open_clip.create_model(source, force_image_size=image_size, force_patch_dropout=0.0,
+                                       **NO_BASE_WEIGHTS)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"clip encoder: cannot load checkpoint {checkpoint!r}: {exc}") from exc
     return _visual_and_preprocess(model)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vlkit.encoders import check_one_source, existing_path, resolve_layer, split_source
+from vlkit.encoders._open_clip import NO_BASE_WEIGHTS, create_named, mean_std
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 _NAME = "convnext_clip"
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
                  "pytorch_model.bin")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _TRUNK_PREFIX = "visual.trunk."
 # open_clip vision_cfg keys that concern the pooled/projected head or training, which this encoder drops
 _IGNORED_VISION_KEYS = {"timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
@@ -130,8 +130,8 @@ class ConvNeXtCLIPEncoder(VisionEncoder):
         self.stream_dims = {"tokens": int(info["num_chs"])}
         self.preprocess = Preprocess(
             size=size,
-            mean=_triple(preprocess_cfg.get("mean"), CLIP_MEAN),
-            std=_triple(preprocess_cfg.get("std"), CLIP_STD),
+            mean=mean_std(_NAME, preprocess_cfg.get("mean"), CLIP_MEAN),
+            std=mean_std(_NAME, preprocess_cfg.get("std"), CLIP_STD),
         )
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -150,17 +150,6 @@ class ConvNeXtCLIPEncoder(VisionEncoder):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
-    if value is None:
-        return default
-    values = tuple(float(v) for v in value)
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise RecipeError(f"{_NAME} encoder: preprocess mean/std must have 3 values, got {list(value)}")
-    return values  # type: ignore[return-value]
 
 
 def _split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -269,8 +258,7 @@ def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[nn.Module
     import open_clip
 
     try:
-        model = open_clip.create_model(f"hf-hub:{target}", force_image_size=image_size, pretrained_text=False,
-                                       pretrained_image=False)
+        model = open_clip.create_model(f"hf-hub:{target}", force_image_size=image_size, **NO_BASE_WEIGHTS)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{_NAME} encoder: cannot load checkpoint {checkpoint!r}: {exc}") from exc
     return _visual_trunk(model, image_size)
@@ -294,32 +282,4 @@ def _visual_trunk(model: Any, image_size: int | None) -> tuple[nn.Module, int, d
 
 
 def _from_name(name: str, pretrained: str | None, image_size: int | None) -> tuple[nn.Module, int, dict]:
-    import open_clip
-
-    cleaned = name.replace("/", "-")
-    models = open_clip.list_models()
-    if cleaned not in models:
-        close = difflib.get_close_matches(cleaned, [m for m in models if "convnext" in m], n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise RecipeError(f"{_NAME} encoder: unknown open_clip model {name!r}.{hint} See open_clip.list_models(); "
-                          f"for a local folder use `checkpoint: local-dir:PATH`")
-    if pretrained is not None:
-        tags = open_clip.list_pretrained_tags_by_model(cleaned)
-        if pretrained not in tags:
-            path = Path(pretrained).expanduser()
-            looks_like_path = "/" in pretrained or "\\" in pretrained or path.suffix in _WEIGHT_SUFFIXES
-            if looks_like_path and not path.is_file():
-                raise CheckpointError(f"{_NAME} encoder: weights file not found: {path} (from `pretrained`)")
-            if not looks_like_path:
-                raise RecipeError(f"{_NAME} encoder: {pretrained!r} is neither a pretrained tag of {cleaned!r} "
-                                  f"(tags: {', '.join(tags) or 'none'}) nor a weights file")
-            pretrained = str(path)
-    try:
-        model = open_clip.create_model(cleaned, pretrained=pretrained, force_image_size=image_size,
-                                       pretrained_text=False, pretrained_image=False)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{_NAME} encoder: cannot load {cleaned!r} with pretrained={pretrained!r}: {exc}. Without network "
-            f"access, pretrained tags must already be in the Hugging Face cache."
-        ) from exc
-    return _visual_trunk(model, image_size)
+    return _visual_trunk(create_named(_NAME, name, pretrained, image_size, suggest="convnext"), image_size)
