@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vlkit.data.conversation import Message
 from vlkit.data.processor import VLMProcessor
-from vlkit.data.shards import EpochCounts, EpochStream, collate_batch, data_loader
+from vlkit.data.shards import EpochCounts, EpochStream, collate_batch, data_loader, loader_arg_problems
 from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
 
@@ -241,15 +241,7 @@ class MixDataset(EpochCounts):
         """Keep only the member datasets with these ``task`` names (e.g. in a stage's ``data`` override)."""
 
         def __post_init__(self) -> None:
-            problems = []
-            if self.batch_size < 1:
-                problems.append(f"batch_size must be at least 1, got {self.batch_size}")
-            if self.num_workers < 0:
-                problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
-            if self.max_length < 1:
-                problems.append(f"max_length must be positive, got {self.max_length}")
-            if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-                problems.append(f"samples_per_epoch must be positive, got {self.samples_per_epoch}")
+            problems = loader_arg_problems(self)
             if problems:
                 raise RecipeError("; ".join(problems))
             if not self.datasets:

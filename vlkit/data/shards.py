@@ -474,6 +474,21 @@ class _ValStream(_Stream):
 # --------------------------------------------------------------------------------------------- dataset
 
 
+def loader_arg_problems(args: Any) -> list[str]:
+    """What is wrong with the loader arguments every dataset section takes (``batch_size``, ``num_workers``,
+    ``max_length``, ``samples_per_epoch``), one message each."""
+    problems = []
+    if args.batch_size < 1:
+        problems.append(f"batch_size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        problems.append(f"num_workers must be 0 or more, got {args.num_workers}")
+    if args.max_length < 1:
+        problems.append(f"max_length must be positive, got {args.max_length}")
+    if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
+        problems.append(f"samples_per_epoch must be positive, got {args.samples_per_epoch}")
+    return problems
+
+
 class EpochCounts:
     """Epoch arithmetic and per-dataset tokenizing options shared by the training datasets: needs ``args``
     (with ``samples_per_epoch``, ``batch_size``, ``max_length``, ``train_on``) and ``num_samples()``."""
@@ -522,17 +537,9 @@ class ShardDataset(EpochCounts):
         """Samples per loader epoch (default: the shards' sample count, from index.json or by counting)."""
 
         def __post_init__(self) -> None:
-            problems = []
-            if self.batch_size < 1:
-                problems.append(f"batch_size must be at least 1, got {self.batch_size}")
-            if self.num_workers < 0:
-                problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+            problems = loader_arg_problems(self)
             if self.shuffle_buffer < 0:
                 problems.append(f"shuffle_buffer must be 0 (no shuffling) or more, got {self.shuffle_buffer}")
-            if self.max_length < 1:
-                problems.append(f"max_length must be positive, got {self.max_length}")
-            if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-                problems.append(f"samples_per_epoch must be positive, got {self.samples_per_epoch}")
             if self.tasks is not None and not self.tasks:
                 problems.append("tasks must name at least one task (or be null for all)")
             if problems:

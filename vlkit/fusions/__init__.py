@@ -31,4 +31,10 @@ def resolve_streams(streams: dict[str, tuple[int, int]], wanted: list[str] | Non
         if duplicates:
             raise RecipeError(f"fusion {fusion!r}: stream(s) {duplicates} listed more than once",
                               "model.fusion.streams")
-    return Fusion.select(streams, wanted, fusion)
+    if wanted is None:
+        return list(streams)
+    missing = [s for s in wanted if s not in streams]
+    if missing:
+        raise RecipeError(f"fusion {fusion!r}: unknown stream(s) {missing}; the encoders provide {list(streams)}",
+                          "model.fusion.streams")
+    return list(wanted)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlkit.errors import RecipeError
-
 
 class Fusion(nn.Module):
     """Base class of registered fusions, built as ``cls(args, streams=..., hidden_size=...)``.
@@ -20,16 +18,3 @@ class Fusion(nn.Module):
 
     def forward(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @staticmethod
-    def select(streams: dict[str, tuple[int, int]], wanted: list[str] | None, fusion: str) -> list[str]:
-        """Resolve a fusion's ``streams:`` argument (None = all, in encoder order) to stream names."""
-        if wanted is None:
-            return list(streams)
-        missing = [s for s in wanted if s not in streams]
-        if missing:
-            raise RecipeError(
-                f"fusion {fusion!r}: unknown stream(s) {missing}; the encoders provide {list(streams)}",
-                "model.fusion.streams",
-            )
-        return list(wanted)
