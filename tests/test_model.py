@@ -104,6 +104,31 @@ def test_per_part_learning_rates(model: vlkit.VLM, tiny_recipe: Path):
     assert all(lr_of[id(p)] == stage.lr for p in model.llm.parameters())
 
 
+def test_cpu_optimizer_is_fused_and_steps_like_the_default(model: vlkit.VLM, tiny_recipe: Path):
+    stage = vlkit.load_recipe(tiny_recipe, ["stages.1.weight_decay=0.1"]).stages[1]
+    apply_trainable(model, stage)
+    proc = model.processor()
+    batch = proc.collate([proc.train_features([Message("user", "<image>\nWhat shape?"),
+                                               Message("assistant", "circle")], image())])
+    model(**batch).loss.backward()
+    opt, _ = build_optimizer(model, stage)
+    assert all(g["fused"] for g in opt.param_groups)
+    reference = torch.optim.AdamW([{**g, "params": [p.detach().clone() for p in g["params"]], "fused": None}
+                                   for g in opt.param_groups])
+    for ref, group in zip(reference.param_groups, opt.param_groups):
+        for r, p in zip(ref["params"], group["params"]):
+            r.grad = p.grad.clone()
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    for _ in range(3):
+        opt.step()
+        reference.step()
+    assert all(g["lr"] > 0 for g in opt.param_groups)
+    assert not all(torch.equal(b, p) for b, p in zip(before, (p for g in opt.param_groups for p in g["params"])))
+    for ref, group in zip(reference.param_groups, opt.param_groups):
+        for r, p in zip(ref["params"], group["params"]):
+            torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=1e-5)
+
+
 def test_generate_answers_questions(model: vlkit.VLM):
     answers = model.answer([image(), None], ["What color is it?", "How many shapes are there?"],
                            max_new_tokens=3)
