@@ -32,7 +32,6 @@ from vlkit.registry import ENCODERS
 logger = logging.getLogger(__name__)
 
 
-
 @ENCODERS.register("clip")
 class CLIPEncoder(VisionEncoder):
     """An open_clip ViT image tower. Stream ``tokens``: ``(B, grid**2 [+1 CLS], width)``."""
