@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 from vlkit import build_model, load_recipe
 from vlkit.cli import main
 from vlkit.data.feature_cache import CacheReader, build_cache, fingerprint, shard_folder
+from vlkit.data.shards import expand_urls
 from vlkit.errors import DataError
 from vlkit.training.fit import fit
 
@@ -200,13 +205,6 @@ print("encoded", len(encoded), "folder", reader.folder.name)
 def test_processes_building_one_cache_at_once_encode_each_shard_once(tiny_recipe: Path, tmp_path: Path):
     """DDP ranks and parallel sweep cells share a cache folder: one process encodes a shard, the others wait
     for it and read it."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from vlkit.data.shards import expand_urls
-
     root = tmp_path / "cache"
     root.mkdir()
     shards = expand_urls(load_recipe(tiny_recipe).data.train["urls"])

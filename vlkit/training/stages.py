@@ -131,8 +131,8 @@ def print_param_table(model: nn.Module, stage: StageConfig, console: Console | N
 def build_optimizer(model: nn.Module, stage: StageConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters only, with the stage's warmup + schedule (stepped per step).
 
-    Plain parameters on CPU or CUDA get torch's fused AdamW (on CPU about 8x faster than its default
-    per-parameter loop); others (e.g. sharded parameters) get torch's default implementation."""
+    Plain parameters on CPU or CUDA get torch's fused AdamW (its CPU default is a per-parameter loop: on
+    the Florence demo 10.9 ms per step, fused 2.2 ms); others (e.g. sharded parameters) get the default."""
     groups = param_groups(model, stage)
     params = [p for group in groups for p in group["params"]]
     opt = torch.optim.AdamW(groups, betas=tuple(stage.betas), fused=_fusable(params) or None)
