@@ -100,3 +100,99 @@ def test_part_by_import_path_gets_a_usable_key(tiny_recipe: Path):
     recipe = vlkit.load_recipe(tiny_recipe, ["model.encoders.0.name=vlkit.encoders.clip:CLIPEncoder"])
     model = vlkit.build_model(recipe)
     assert list(model.encoders) == ["CLIPEncoder"]
+
+
+# ------------------------------------------------------------------------------------ recipe semantics
+
+
+def test_replace_marker_replaces_a_whole_section_instead_of_merging(tiny_recipe: Path, tmp_path: Path):
+    merged = write(tmp_path / "merge.yaml", f"base: {tiny_recipe}\nmodel: {{fusion: {{name: linear}}}}\n")
+    with pytest.raises(RecipeError) as err:  # merged key by key: the base's `projector` stays and is refused
+        vlkit.load_recipe(merged)
+    message = str(err.value)
+    assert message.startswith(f"{tiny_recipe}: model.fusion.projector: unknown key")  # the file that set it
+    assert f"`model.fusion.name` was set in {merged}" in message and "_replace_: true" in message
+    replaced = write(tmp_path / "replace.yaml",
+                     f"base: {tiny_recipe}\nmodel: {{fusion: {{_replace_: true, name: linear}}}}\n"
+                     "stages: [{name: only, trainable: [fusion], max_steps: 1}]\n")
+    recipe = vlkit.load_recipe(replaced)
+    assert recipe.model.fusion == {"name": "linear", "streams": None}
+    assert [s.name for s in recipe.stages] == ["only"]  # lists are replaced whole
+    assert recipe.model.llm["config"]["hidden_size"] == 32  # the other sections still merge
+    bad = write(tmp_path / "bad.yaml", f"base: {tiny_recipe}\nmodel: {{fusion: {{_replace_: yes please}}}}\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: model.fusion._replace_: expected true or false"):
+        vlkit.load_recipe(bad)
+
+
+def test_recipe_dir_resolves_against_the_file_that_writes_it(tiny_recipe: Path, demo_dir: Path, tmp_path: Path,
+                                                             monkeypatch):
+    write(tmp_path / "shared" / "base.yaml", tiny_recipe.read_text().replace(
+        f"tokenizer: {demo_dir}/tokenizer", "tokenizer: ${recipe_dir}/../demo/tokenizer"))
+    (tmp_path / "demo").symlink_to(demo_dir)
+    child = write(tmp_path / "runs" / "exp" / "child.yaml", "base: ../../shared/base.yaml\n"
+                  "data: {val: {urls: '${recipe_dir}/val.tar'}}\n")
+    monkeypatch.chdir(tmp_path / "runs")  # anywhere: the paths do not depend on the working directory
+    recipe = vlkit.load_recipe("exp/child.yaml", ["eval.metrics=[exact_match]"])
+    assert recipe.model.llm["tokenizer"] == str(tmp_path / "demo" / "tokenizer")  # normalised, base's folder
+    assert recipe.data.val["urls"] == str(child.parent.resolve() / "val.tar")  # the child's own folder
+    assert "${recipe_dir}" not in recipe.to_yaml()
+
+
+@pytest.mark.parametrize("key", ["source", "sourse", "base_dir"])
+def test_unknown_top_level_keys_are_refused(tiny_recipe: Path, tmp_path: Path, key: str):
+    path = write(tmp_path / "r.yaml", f"base: {tiny_recipe}\n{key}: somewhere.yaml\n")
+    with pytest.raises(RecipeError, match=rf"r.yaml: {key}: unknown key"):
+        vlkit.load_recipe(path)
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("model.encoders.0.name=3", r"model.encoders\[0\].name: a part name must be a string, got int"),
+    ("model.fusion.name=[mlp]", r"model.fusion.name: a part name must be a string, got list"),
+    ("model.encoders=[clip]", r"model.encoders\[0\]: expected a mapping, got str"),
+    ("data.train=7", r"data.train: expected a mapping, got int"),
+    ("trainer.devices=[1]", r"trainer.devices: expected int \| str, got list"),
+    ("stages.0.trainable=fusion", r"stages\[0\].trainable: expected a list, got str"),
+    ("base=3", r"override"),
+])
+def test_wrong_types_anywhere_are_one_line_errors(tiny_recipe: Path, override: str, match: str):
+    with pytest.raises(RecipeError, match=match) as err:
+        vlkit.load_recipe(tiny_recipe, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_library_check_in_part_arguments_is_a_recipe_error():
+    """The wrong type the fuzzing of the demo recipes found: transformers' own config validation."""
+    recipe = ROOT / "recipes" / "demo" / "florence_dbfusion.yaml"
+    with pytest.raises(RecipeError, match=r"model.encoders\[0\]: encoder 'florence2' rejected its arguments: "
+                       r"StrictDataclassFieldValidationError: .*depths") as err:
+        vlkit.load_recipe(recipe, ["model.encoders.0.config.vision_config.depths=3"])
+    assert "\n" not in str(err.value)
+
+
+def test_key_is_accepted_by_every_encoder(tiny_recipe: Path, tmp_path: Path, monkeypatch):
+    write(tmp_path / "keyless_parts.py", (
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n"
+        "from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder\n\n\n"
+        "class Keyless(VisionEncoder):\n"
+        "    @dataclass\n"
+        "    class Args:\n"
+        "        width: int = 16\n\n"
+        "    def __init__(self, args):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, args.width, 8, 8)\n"
+        "        self.num_tokens, self.stream_dims = 16, {'tokens': args.width}\n"
+        "        self.preprocess = Preprocess(32, IMAGENET_MEAN, IMAGENET_STD)\n\n"
+        "    def forward(self, x):\n"
+        "        return {'tokens': self.conv(x).flatten(2).transpose(1, 2)}\n"))
+    monkeypatch.chdir(tmp_path)  # `module:Class` names are found in the working directory, as documented
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    with pytest.raises(RecipeError, match=r"model.encoders\[0\].config: unknown key.*set on the command line"):
+        vlkit.load_recipe(tiny_recipe, ["model.encoders.0.name=keyless_parts:Keyless"])
+    recipe = vlkit.load_recipe(tiny_recipe, ["model.encoders=[{name: 'keyless_parts:Keyless', key: vis}]"])
+    assert recipe.model.encoders[0]["key"] == "vis"
+    assert "key" not in {f.name for f in __import__("dataclasses").fields(vlkit.ENCODERS.get(
+        "keyless_parts:Keyless").Args)}
+    assert list(vlkit.build_model(recipe).encoders) == ["vis"]
+    with pytest.raises(RecipeError, match=r"model.encoders\[0\].key: expected str"):
+        vlkit.load_recipe(tiny_recipe, ["model.encoders=[{name: 'keyless_parts:Keyless', key: 3}]"])

@@ -278,3 +278,70 @@ def test_recipe_args_are_validated(demo_dir: Path) -> None:
         DATASETS.parse_args({"name": "shards", "urls": "x.tar", "batch_size": 0}, "data.train")
     assert isinstance(dataset(demo_dir / "val-*.tar", tasks=["vqa"]), ShardDataset)
     assert torch.utils.data.get_worker_info() is None
+
+
+# ------------------------------------------------------------------------------ corrupt shards at scale
+
+
+def _ten_sample_shard(folder: Path) -> Path:
+    """``folder/part-000000.tar`` with samples s0..s9 and an ``index.json`` listing its 10 samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "part-000000.tar"
+    write_shard(path, [good(f"s{i}") for i in range(10)])
+    (folder / "index.json").write_text(json.dumps({"splits": {"part": {
+        "shards": [path.name], "samples": 10, "shard_samples": [10]}}}))
+    return path
+
+
+def _member_offset(path: Path, name: str) -> tuple[int, int]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = tar.getmember(name)
+        return member.offset, member.offset_data
+
+
+@pytest.mark.parametrize("cut", ["inside_image", "between_samples"])
+def test_truncated_shard_keeps_samples_before_the_break(tmp_path: Path, processor: VLMProcessor,
+                                                         cut: str) -> None:
+    path = _ten_sample_shard(tmp_path / "data")
+    header, data = _member_offset(path, "s6.png" if cut == "inside_image" else "s8.json")
+    size = data + 20 if cut == "inside_image" else header  # mid-way through s6's image, or right after s7
+    path.write_bytes(path.read_bytes()[:size])
+    kept = 6 if cut == "inside_image" else 8
+    ds = dataset(tmp_path / "data" / "part-*.tar", batch_size=4, shuffle_buffer=0)
+    with pytest.warns(RuntimeWarning, match=r"part-000000\.tar: (unreadable tar shard|shard ends after)") as record:
+        batches = list(ds.val_loader(processor))
+    assert [k for b in batches for k in b["__key__"]] == [f"s{i}" for i in range(kept)]
+    assert sum(b["skipped"] for b in batches) == 10 - kept  # what the index says was lost
+    assert len([w for w in record if "part-000000.tar" in str(w.message)]) == 1
+
+    # training: a truncated shard among good ones does not end the stream; the loss is counted per pass
+    _ten_sample_shard(tmp_path / "good")
+    mixed = dataset(f"{tmp_path}/data/part-*.tar::{tmp_path}/good/part-*.tar", batch_size=4, shuffle_buffer=0,
+                    samples_per_epoch=20)
+    with pytest.warns(RuntimeWarning):
+        loader = mixed.train_loader(processor)
+        epochs = [list(loader) for _ in range(3)]
+    assert all(len(e) == 5 for e in epochs)
+    keys = [k for e in epochs for b in e for k in b["__key__"]]
+    assert sum(b["skipped"] for e in epochs for b in e) >= (10 - kept) * 2  # 60 samples read: 3+ passes
+    assert not {k for k in keys} - {f"s{i}" for i in range(10)}
+
+    strict = dataset(tmp_path / "data" / "part-*.tar", batch_size=4, shuffle_buffer=0, strict=True)
+    with pytest.raises(DataError, match=r"part-000000\.tar: (unreadable tar shard|shard ends after).*strict: false"):
+        list(strict.val_loader(processor))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_worker_error_reaches_the_user_as_one_line(corrupt_shard: Path, processor: VLMProcessor,
+                                                    split: str) -> None:
+    ds = dataset(corrupt_shard, batch_size=3, shuffle_buffer=0, strict=True, num_workers=1)
+    loader = ds.train_loader(processor) if split == "train" else ds.val_loader(processor)
+    assert loader.num_workers == 1
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "DataLoader worker" not in message
+    assert message.startswith(f"{corrupt_shard}: sample bad_png: cannot decode image")
+    assert info.value.__cause__ is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,12 @@ EXTRA = {"hovle.yaml": ["stages.0.data.batch_size=4", "stages.0.data.val_samples
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DEMOS)
 def test_demo_recipe_trains_every_stage(name: str, demo_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    # the recipes name data/demo relative to the working directory, as the README runs them
+    # the recipes name ${recipe_dir}/../../data/demo: a copy of recipes/demo/ next to data/demo -> the test data
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(demo_dir)
+    shutil.copytree(ROOT / "recipes" / "demo", tmp_path / "recipes" / "demo")
     monkeypatch.chdir(tmp_path)
-    recipe = ROOT / "recipes" / "demo" / name
+    recipe = tmp_path / "recipes" / "demo" / name
     stages = len(vlkit.load_recipe(recipe).stages)
     overrides = [*(f"stages.{i}.max_steps=2" for i in range(stages)), "data.train.batch_size=4",
                  "data.train.num_workers=0", "data.val.num_workers=0", "eval.max_samples=8",

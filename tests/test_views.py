@@ -61,11 +61,11 @@ def test_pad_to_square_centres_the_image_with_the_fill_colour():
 
 def test_image_to_square_tensor_pads_or_stretches():
     tall = Image.new("RGB", (16, 32), RED)
-    padded = image_to_square_tensor(tall, 32, "black")
+    padded = image_to_square_tensor(tall, 32, "pad", "black")
     assert padded.shape == (3, 32, 32)
     assert_uniform(padded[:, :, :8], (0, 0, 0))  # left band is padding
     assert_uniform(padded[:, :, 8:24], RED)
-    stretched = image_to_square_tensor(tall, 32, None)
+    stretched = image_to_square_tensor(tall, 32, "resize")
     assert_uniform(stretched, RED)
 
 
@@ -117,7 +117,7 @@ def test_views_token_count_processor_and_order(views_model: vlkit.VLM):
     per_view = views_model.fusion.num_tokens
     assert views_model.num_views == 5 and views_model.num_image_tokens == 5 * per_view
     proc = views_model.processor()
-    assert proc.image_size == 64 and proc.pad == "mean"
+    assert proc.image_size == 64 and proc.resize_policy == "pad" and proc.pad_color == PAD_COLORS["mean"]
     feats = proc.train_features([Message("user", "<image>\nWhat color?"), Message("assistant", "red")],
                                 Image.new("RGB", (64, 32), RED))  # wide: padded to square first
     ids = torch.tensor(feats["input_ids"])
@@ -151,7 +151,7 @@ def test_default_is_no_views(tiny_recipe: Path):
     recipe = vlkit.load_recipe(tiny_recipe)
     assert recipe.model.views is None
     model = vlkit.build_model(recipe)
-    assert model.num_views == 1 and model.processor().pad is None and model.image_size == 32
+    assert model.num_views == 1 and model.processor().resize_policy == "resize" and model.image_size == 32
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -80,6 +81,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 raise DataError(f"{args.input}:{n}: expected a JSON object with 'question' (and optional "
                                 f"'image'), got {line[:80]!r} ({exc})") from None
             items.append(item)
+        folder = Path(args.input).parent
+        for item in items:  # image paths relative to the JSON lines file (else to the working directory)
+            image = item.get("image")
+            if isinstance(image, str) and not Path(image).is_absolute() and (folder / image).exists():
+                item["image"] = str(folder / image)
     elif args.question:
         items = [{"image": args.image, "question": args.question}]
     else:
@@ -108,16 +114,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from vlkit.reference import describe, summary
     from vlkit.registry import REGISTRIES
 
+    if args.name:  # one part's reference: imports that part (and torch), nothing else
+        if not args.kind:
+            raise VlkitError("name the kind too, e.g. `vlkit list encoders clip`")
+        print(describe(REGISTRIES[args.kind], args.name, width=max(60, console.width - 2)), end="")
+        return 0
     kinds = [args.kind] if args.kind else list(REGISTRIES)
-    for kind in kinds:
+    for kind in kinds:  # names and summaries come from the sources and the plugin metadata: no imports
         registry = REGISTRIES[kind]
+        if args.check:
+            registry.load_all()
         console.print(f"[bold]{kind}[/]")
+        index = registry.index()
         for name in registry.names():
-            cls = registry.get(name)
-            doc = (cls.__doc__ or "").strip().splitlines()
-            console.print(f"  {name:<16} {doc[0] if doc else ''}", highlight=False)
+            info = index.get(name)
+            doc = summary(info.doc) if info is not None else ""
+            console.print(f"  {name:<16} {doc}", highlight=False, markup=False, soft_wrap=True)
+        for name, cause in registry.failures().items():
+            console.print(f"  {name:<16} (installed but failed to load: {cause})", highlight=False, markup=False,
+                          soft_wrap=True)
+    if not args.name and args.kind:
+        console.print(f"details of one part: vlkit list {args.kind} NAME", style="dim", highlight=False)
     return 0
 
 
@@ -175,6 +195,31 @@ def _cmd_data_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from vlkit.config import load_recipe
+    from vlkit.data.inspect import inspect_recipe
+    from vlkit.model import build_model
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    inspect_recipe(recipe, build_model(recipe), split=args.split, n=args.n, stage=args.stage, console=console)
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from vlkit.data.check import check_recipe, check_urls, print_reports, url_processor
+
+    if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():
+        from vlkit.config import load_recipe
+        from vlkit.model import build_model
+
+        recipe = load_recipe(args.target, args.overrides)
+        reports = check_recipe(recipe, build_model(recipe))
+    else:
+        processor = url_processor(args.tokenizer, args.image_tokens, args.max_length) if args.tokenizer else None
+        reports = check_urls(args.target, processor)
+    return 0 if print_reports(reports, console) else 1
+
+
 def _cmd_cache_features(args: argparse.Namespace) -> int:
     from vlkit.config import load_recipe
     from vlkit.data.feature_cache import build_cache
@@ -199,6 +244,17 @@ def _cmd_mix_weights(args: argparse.Namespace) -> int:
     out = mix_weights(args.a, args.b, args.beta, args.out, only=args.only, overwrite=args.overwrite)
     parts = f" (only {', '.join(args.only)}; the rest copied from A)" if args.only else ""
     console.print(f"wrote {out}: {args.beta:g} * A + {1 - args.beta:g} * B{parts}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _cmd_new(args: argparse.Namespace) -> int:
+    from vlkit.scaffold import new_part
+
+    folder = new_part(args.kind, args.name, args.out)
+    console.print(f"wrote the plugin package {folder} ({args.kind} {args.name!r}). Next:\n"
+                  f"  pip install -e {folder}\n  cd {folder} && python -m pytest tests -q\n"
+                  f"  vlkit data demo --out {folder}/data/demo && vlkit fit {folder}/demo.yaml",
+                  highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
@@ -234,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="answer questions about images with a trained run (JSON lines out)",
                        description="Answer questions with the latest checkpoint in RUN_DIR. Input: --input "
-                       "FILE.jsonl with one {\"image\": path, \"question\": text} per line, or --image/--question.")
+                       "FILE.jsonl with one {\"image\": path, \"question\": text} per line (image paths relative "
+                       "to the file), or --image/--question. `vlkit data demo` writes samples/questions.jsonl.")
     p.add_argument("run_dir", help="run folder written by vlkit fit")
     p.add_argument("--input", help="JSON lines file of {image, question}")
     p.add_argument("--image", help="one image file (with --question)")
@@ -244,8 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("list", help="list registered encoders, fusions, llms and datasets (plugins included)")
+    p = sub.add_parser("list", help="list registered encoders, fusions, llms and datasets (plugins included)",
+                       description="Without NAME: the registered parts of each kind with a one-line description "
+                       "(read from the sources, nothing is imported). With KIND NAME: that part's reference: "
+                       "its description and every argument with type, default and documentation.")
     p.add_argument("kind", nargs="?", choices=["encoders", "fusions", "llms", "datasets"])
+    p.add_argument("name", nargs="?", help="a registered name (or module:Class) to describe")
+    p.add_argument("--check", action="store_true", help="also import every part and plugin, reporting any that "
+                   "fails to load")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("config", help="print the resolved, validated recipe (after base: and overrides)")
@@ -297,6 +360,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on the first bad entry instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=_cmd_data_llava)
+    p = dsub.add_parser("inspect", help="print samples as the model sees them: tokens (trained ones highlighted), "
+                        "visual tokens per image, truncation")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--split", choices=["train", "val"], default="train", help="which data (default train)")
+    p.add_argument("-n", type=int, default=3, help="number of samples (default 3)")
+    p.add_argument("--stage", default=None, help="training stage whose data to show (default the first)")
+    p.set_defaults(func=_cmd_data_inspect)
+    p = dsub.add_parser("check", help="verify shards before a long run: readable, sample counts, images decode, "
+                        "conversations tokenize within max_length with trained tokens")
+    p.add_argument("target", help="recipe YAML (checks its datasets) or shard urls, e.g. 'data/train-*.tar'")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--tokenizer", default=None, help="with urls: tokenizer folder or hub id to check tokenization")
+    p.add_argument("--image-tokens", type=int, default=1, help="with urls: visual tokens per image (default 1)")
+    p.add_argument("--max-length", type=int, default=512, help="with urls: longest sample in tokens (default 512)")
+    p.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("new", help="write a plugin package for a new encoder, fusion, llm or dataset",
+                       description="Write a plugin package for a new part: pyproject.toml with its entry point, "
+                       "the part (Args and interface filled in), a test, a demo recipe that trains a tiny VLM "
+                       "with it, and a README. It installs (pip install -e DIR), passes its test and trains as "
+                       "written; see docs/parts.md for the interfaces.")
+    p.add_argument("kind", choices=["encoder", "fusion", "llm", "dataset"])
+    p.add_argument("name", help="the part's registered name (lower case, digits, _), e.g. my_encoder")
+    p.add_argument("--out", default=None, help="output folder (default: ./NAME)")
+    p.set_defaults(func=_cmd_new)
 
     p = sub.add_parser("mix-weights", help="interpolate two checkpoints of one architecture: beta*A + (1-beta)*B",
                        description="Write theta = beta * A + (1 - beta) * B (SPHINX weight mixing). A and B: vlkit "
@@ -316,7 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """vlkit's own warnings (e.g. a plugin that failed to load) as one line, without source context."""
+    if category.__module__.startswith("vlkit."):
+        return f"warning: {message}\n"
+    return _default_format_warning(message, category, filename, lineno, line)
+
+
+_default_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options: `vlkit fit R --run-dir D a.b=c`

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,10 @@ class ModelConfig:
     llm: dict[str, Any]
     views: ViewsConfig | None = None
     """Split each image into a global view + sub-images (e.g. ``{grid: 2, size: 224}``); null: one view."""
+    resize_policy: Literal["pad", "resize", "crop"] | None = None
+    """How a non-square image becomes the square the encoders take: ``pad`` (centred, with the first
+    encoder's mean colour or ``views.pad``: LLaVA-1.5's expand2square), ``resize`` (stretch) or ``crop``
+    (centre square); null: ``pad`` with ``views`` (unless ``views.pad: none``), otherwise ``resize``."""
 
 
 @dataclass
@@ -95,6 +100,21 @@ class DistillConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on named parts for a stage: their base weights freeze, the adapters train."""
+
+    parts: list[str] = field(default_factory=lambda: ["llm"])
+    """Parts that get adapters: ``llm``, ``fusion``, ``encoders.<key>``."""
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    """Modules to adapt, as peft's ``target_modules``: ``all-linear`` or module names (e.g. [q_proj, v_proj])."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+@dataclass
 class StageConfig:
     """One training stage: what trains, for how long, and with which optimizer settings."""
 
@@ -124,6 +144,10 @@ class StageConfig:
     """``lm``: next-token prediction; ``distill``: regress the targets of ``distill`` (HoVLE stage I)."""
     distill: DistillConfig | None = None
     """Teacher and loss of an ``objective: distill`` stage."""
+    lora: LoraConfig | Literal["merge"] | None = None
+    """LoRA adapters trained in this stage (``{parts: [llm], r, alpha, dropout, targets, use_dora}``; a later
+    stage restating them keeps training them), or ``merge``: fold the adapters of earlier stages into the
+    weights before this stage. See :mod:`vlkit.training.lora`."""
 
 
 @dataclass
@@ -150,6 +174,9 @@ class EvalConfig:
     """Cap on validation samples per evaluation (None: the whole validation set)."""
     baseline_samples: int = 50000
     """Training samples scanned to find the majority answer per question type (the baseline)."""
+    metrics: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Answer metrics reported per question type (see :mod:`vlkit.eval.metrics`): exact_match,
+    vqa_accuracy, anls, multiple_choice, cider."""
 
 
 @dataclass
@@ -162,8 +189,8 @@ class Recipe:
     seed: int = 0
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    source: str = ""
-    """The recipe file this was loaded from (informational)."""
+    source: str = field(default="", init=False)
+    """The recipe file this was loaded from (informational; not a recipe key)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -288,12 +315,16 @@ class _Layers:
         self.layers.append((source, data))
 
     def origin(self, key: str) -> str:
-        parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
+        parts = _key_parts(key)
         for depth in range(len(parts), 0, -1):
             for source, data in reversed(self.layers):
                 if _has_path(data, parts[:depth]):
                     return source
         return self.layers[-1][0] if self.layers else "<recipe>"
+
+
+def _key_parts(key: str) -> list[str]:
+    return [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
 
 
 def _has_path(data: Any, parts: list[str]) -> bool:
@@ -325,20 +356,70 @@ def _load_yaml(path: Path, layers: _Layers, chain: tuple[Path, ...] = ()) -> Dic
         bases = []
     elif isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, (list, ListConfig)) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"{path}: base: expected a file name or a list of file names, got {bases!r}")
+    data = _with_recipe_dir(OmegaConf.to_container(cfg, resolve=False), path.parent)
+    replaced = _pop_replace_markers(data, [], path)
     merged = OmegaConf.create({})
     for base in bases:
         merged = OmegaConf.merge(merged, _load_yaml(path.parent / str(base), layers, (*chain, path)))
-    layers.add(str(path), OmegaConf.to_container(cfg, resolve=False))
-    return OmegaConf.merge(merged, cfg)
+    for keys in replaced:  # `_replace_: true`: this file's section replaces the bases' instead of merging
+        node: Any = merged
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, DictConfig) else None
+        if isinstance(node, DictConfig) and keys[-1] in node:
+            del node[keys[-1]]
+        elif not keys:
+            merged = OmegaConf.create({})
+    layers.add(str(path), data)
+    return OmegaConf.merge(merged, OmegaConf.create(data))
 
 
-def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], layers: _Layers) -> DictConfig:
+RECIPE_DIR = "${recipe_dir}"
+"""Written in a recipe value, the folder of the file that contains it (paths relative to the recipe)."""
+REPLACE_KEY = "_replace_"
+"""``_replace_: true`` in a mapping of a recipe file: the mapping replaces the bases' one instead of merging."""
+
+
+def _with_recipe_dir(data: Any, folder: Path) -> Any:
+    """``data`` with ``${recipe_dir}`` in every string replaced by ``folder`` (normalised when a value
+    starts with it, e.g. ``${recipe_dir}/../data`` -> ``/abs/data``)."""
+    if isinstance(data, dict):
+        return {k: _with_recipe_dir(v, folder) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_with_recipe_dir(v, folder) for v in data]
+    if isinstance(data, str) and RECIPE_DIR in data:
+        value = data.replace(RECIPE_DIR, str(folder))
+        return os.path.normpath(value) if data.startswith(RECIPE_DIR) else value
+    return data
+
+
+def _pop_replace_markers(data: Any, keys: list[str], path: Path) -> list[list[str]]:
+    """Remove the ``_replace_`` keys from ``data`` (in place); return the key paths marked ``true``."""
+    found: list[list[str]] = []
+    if isinstance(data, dict):
+        if REPLACE_KEY in data:
+            flag = data.pop(REPLACE_KEY)
+            if not isinstance(flag, bool):
+                where = ".".join([*keys, REPLACE_KEY])
+                raise RecipeError(f"{path}: {where}: expected true or false, got {flag!r}")
+            if flag:
+                found.append(keys)
+        for k, v in data.items():
+            found += _pop_replace_markers(v, [*keys, str(k)], path)
+    elif isinstance(data, list):
+        for v in data:
+            _pop_replace_markers(v, keys, path)  # lists are replaced whole anyway
+    return found
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str], layers: _Layers, recipe_dir: Path) -> DictConfig:
     override_tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} must look like key.path=value (e.g. model.fusion.name=linear)")
-        value = yaml.safe_load(raw) if raw else ""
+        value = _with_recipe_dir(yaml.safe_load(raw) if raw else "", recipe_dir)
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as exc:
@@ -360,7 +441,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Load, merge (``base:``), override (``a.b=c``) and validate a recipe. Nothing is built or loaded."""
     layers = _Layers()
     cfg = _load_yaml(Path(path), layers)
-    cfg = _apply_overrides(cfg, overrides, layers)
+    cfg = _apply_overrides(cfg, overrides, layers, Path(path).resolve().parent)
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
@@ -371,13 +452,27 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         _validate_parts(recipe)
     except RecipeError as exc:
         origin = layers.origin(exc.key) if exc.key else str(path)
-        raise RecipeError(f"{origin}: {exc}") from None
+        raise RecipeError(f"{origin}: {exc}{_section_hint(layers, exc.key, origin)}") from None
     return recipe
 
 
+def _section_hint(layers: _Layers, key: str | None, origin: str) -> str:
+    """When the offending key comes from a base but its part's ``name`` from another file: how to replace."""
+    if not key or "." not in key:
+        return ""
+    section = key.rsplit(".", 1)[0]
+    name_origin = layers.origin(f"{section}.name")
+    if name_origin == origin or not _has_path(dict(layers.layers).get(name_origin), _key_parts(f"{section}.name")):
+        return ""
+    if name_origin == "command-line override":
+        return (f" (`{section}.name` was set on the command line; to replace the whole section there, give it "
+                f"whole: '{section}={{name: ..., ...}}')")
+    return (f" (`{section}.name` was set in {name_origin}; to replace the whole `{section}` section of the "
+            f"base there, add `{REPLACE_KEY}: true` to it)")
+
+
 def _complete(registry: Any, section: Mapping[str, Any], where: str) -> dict[str, Any]:
-    args = registry.parse_args(section, where)
-    return {"name": section["name"], **dataclasses.asdict(args)}
+    return registry.complete(section, where)
 
 
 def _validate_parts(recipe: Recipe) -> None:
@@ -421,7 +516,7 @@ def _validate_parts(recipe: Recipe) -> None:
             raise RecipeError(f"duplicate stage name {stage.name!r}; stage names must be unique", f"{where}.name")
         if stage.max_steps <= 0:
             raise RecipeError("must be positive", f"{where}.max_steps")
-        if not stage.trainable:
+        if not stage.trainable and not isinstance(stage.lora, LoraConfig):
             raise RecipeError("name at least one part to train (encoders, fusion, llm or a module path)",
                               f"{where}.trainable")
         train_name = recipe.data.train["name"]
@@ -430,6 +525,10 @@ def _validate_parts(recipe: Recipe) -> None:
         elif stage.data:
             _complete(DATASETS, {**recipe.data.train, **stage.data}, f"{where}.data")
         _validate_objective(stage, where, bool(holistic), stage.data.get("name", train_name))
+    _validate_lora(recipe)
+    from vlkit.eval.metrics import check_metric_names
+
+    check_metric_names(recipe.eval.metrics, "eval.metrics")
 
 
 def _holistic_encoders(encoders: list[dict[str, Any]]) -> list[int]:
@@ -473,3 +572,54 @@ def _validate_objective(stage: StageConfig, where: str, holistic: bool, dataset:
             raise RecipeError("must be 0 or more", f"{where}.distill.{name}")
     if d.image_weight == d.text_weight == 0:
         raise RecipeError("image_weight and text_weight are both 0: nothing to learn", f"{where}.distill")
+
+
+def _validate_lora(recipe: Recipe) -> None:
+    """LoRA sections: known parts, sane sizes, no part both fully trained and adapted, ``merge`` only after
+    adapters, the same settings when a later stage keeps training a part's adapters, quantized LLMs only
+    under adapters."""
+    encoder_keys = [e.get("key") or e["name"].rpartition(":")[2] for e in recipe.model.encoders]
+    valid = ["llm", "fusion", *(f"encoders.{k}" for k in encoder_keys)]
+    adapted: dict[str, tuple[int, LoraConfig]] = {}
+    quantized = recipe.model.llm.get("load_in") is not None
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}].lora"
+        if stage.lora == "merge":
+            if not adapted:
+                raise RecipeError("`lora: merge` but no earlier stage trains LoRA adapters", where)
+            if quantized:
+                raise RecipeError("cannot merge adapters into a quantized (`load_in`) LLM; export them in "
+                                  "peft format instead (vlkit merge-lora --peft)", where)
+            adapted = {}
+        elif isinstance(stage.lora, LoraConfig):
+            lora = stage.lora
+            if lora.r <= 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+                raise RecipeError(f"need r > 0, alpha > 0 and 0 <= dropout < 1 (got r={lora.r}, "
+                                  f"alpha={lora.alpha:g}, dropout={lora.dropout:g})", where)
+            if not lora.parts:
+                raise RecipeError(f"name the parts to adapt (one of {', '.join(valid)})", f"{where}.parts")
+            if isinstance(lora.targets, str) and lora.targets != "all-linear":
+                raise RecipeError(f"expected `all-linear` or a list of module names, got {lora.targets!r}",
+                                  f"{where}.targets")
+            for j, part in enumerate(lora.parts):
+                if part not in valid:
+                    close = difflib.get_close_matches(part, valid, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise RecipeError(f"{part!r} is not a part of this model.{hint} Parts: {', '.join(valid)}",
+                                      f"{where}.parts[{j}]")
+                for k, path in enumerate(stage.trainable):
+                    if part == path or part.startswith(path + "."):
+                        raise RecipeError(f"{path!r} trains all of {part!r}, which also gets LoRA adapters; "
+                                          f"drop it from `trainable` (its base weights freeze under LoRA)",
+                                          f"stages[{i}].trainable[{k}]")
+                if part in adapted and adapted[part][1] != lora:
+                    raise RecipeError(f"{part!r} already has adapters from stage {adapted[part][0]} with other "
+                                      "settings; restate them unchanged to keep training, or `lora: merge` first",
+                                      where)
+                adapted.setdefault(part, (i, lora))
+        if quantized and "llm" not in adapted:
+            for k, path in enumerate(stage.trainable):
+                if path == "llm" or path.startswith("llm."):
+                    raise RecipeError("the LLM is quantized (`load_in`): its weights cannot train; put LoRA "
+                                      "adapters on it (`lora: {parts: [llm]}`) instead",
+                                      f"stages[{i}].trainable[{k}]")

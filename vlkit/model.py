@@ -1,4 +1,4 @@
-"""The VLM: vision encoders -> fusion -> LLM, with visual tokens spliced at the ``<image>`` positions."""
+"""The VLM: vision encoders (+ fusion) -> LLM; how images enter the LLM's input is its embedding strategy."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from PIL import Image
 from torch import nn
 
 from vlkit.config import Recipe, ViewsConfig
-from vlkit.data.conversation import IMAGE_TOKEN_ID, Message, TrainOn
+from vlkit.data.conversation import Message, TrainOn
 from vlkit.data.processor import VLMProcessor
-from vlkit.data.views import num_views, split_views
+from vlkit.data.views import ResizePolicy, num_views, resize_settings, split_views
 from vlkit.encoders.base import VisionEncoder
-from vlkit.encoders.holistic import HolisticEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.fusions.base import Fusion
 from vlkit.llms.base import LLM
+from vlkit.strategies import strategy_for
+from vlkit.strategies.base import EmbeddingStrategy, run_frozen_without_grad
+from vlkit.weights import read_weights
 
 
 class VLM(nn.Module):
@@ -32,18 +34,38 @@ class VLM(nn.Module):
     sub-images that are encoded and fused separately; the image then takes ``(1 + grid**2) *
     fusion.num_tokens`` visual tokens, the views' tokens in order (global first).
 
-    With a :class:`~vlkit.encoders.holistic.HolisticEncoder` (HoVLE; the only encoder, ``fusion`` None)
-    the encoder embeds the whole sequence, text included, and its output is the LLM's ``inputs_embeds``
-    (the LLM's own input embedding table is bypassed).
+    How token ids and images become the LLM's ``inputs_embeds`` is the model's :attr:`strategy`, picked from
+    the parts' declared interfaces (:mod:`vlkit.strategies`): ``splice`` (the above) or ``holistic`` (an
+    encoder declaring ``embeds_sequence``, HoVLE: it embeds the whole sequence, text included; ``fusion``
+    None, the LLM's own input embedding table bypassed).
+
+    In train mode, every submodule whose parameters are all frozen runs in eval mode (no dropout or
+    drop-path, fixed batch-norm statistics), so frozen parts compute what they compute at inference and in
+    the feature cache; see :meth:`train`.
     """
 
     def __init__(self, encoders: dict[str, VisionEncoder], fusion: Fusion | None, llm: LLM,
-                 views: ViewsConfig | None = None) -> None:
+                 views: ViewsConfig | None = None, resize_policy: ResizePolicy | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.llm = llm
         self.views = views
+        self.resize_policy = resize_policy
+        """How the data pipeline squares non-square images (None: pad with views, else resize)."""
+        self.strategy: EmbeddingStrategy = strategy_for([type(e) for e in encoders.values()])()
+        """How ``(input_ids, images)`` become the LLM's input embeddings."""
+
+    def train(self, mode: bool = True) -> VLM:
+        """Train mode for the parts that train; eval mode for every submodule whose parameters are all
+        frozen (outermost ones), so that dropout, drop-path and batch-norm statistics of frozen parts stay
+        off. Re-applied whenever the mode is set (Lightning sets it at fit start and restores it after
+        validation), so it follows the current stage's freezing."""
+        super().train(mode)
+        if mode:
+            for module in frozen_modules(self):
+                module.eval()
+        return self
 
     # ------------------------------------------------------------------------------------------- shape
 
@@ -52,28 +74,16 @@ class VLM(nn.Module):
         """Views encoded per image: 1, or ``1 + grid**2`` with ``views``."""
         return 1 if self.views is None else num_views(self.views.grid)
 
-    @property
-    def holistic(self) -> HolisticEncoder | None:
-        """The encoder that embeds the whole sequence (HoVLE), if this model has one."""
-        encoders = list(self.encoders.values())
-        return encoders[0] if len(encoders) == 1 and isinstance(encoders[0], HolisticEncoder) else None
-
     def bypassed_parameters(self) -> list[nn.Parameter]:
-        """Parameters outside the forward pass (kept frozen whatever a stage trains): with a holistic
-        encoder, the LLM's input embedding table, unless it is tied to the output head."""
-        if self.holistic is None:
-            return []
-        table = self.llm.model.get_input_embeddings().weight
-        head = self.llm.model.get_output_embeddings()
-        return [] if head is not None and head.weight is table else [table]
+        """Parameters outside the forward pass (kept frozen whatever a stage trains), as the strategy says
+        (holistic: the LLM's input embedding table, unless it is tied to the output head)."""
+        return self.strategy.bypassed_parameters(self)
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image: the fusion's tokens per view times the views per image (a holistic
-        encoder's ``num_tokens``)."""
-        if self.holistic is not None:
-            return self.holistic.num_tokens
-        return self.num_views * self.fusion.num_tokens
+        """``<image>`` positions per image, as the strategy says (splice: the fusion's tokens per view times
+        the views per image; holistic: the encoder's ``num_tokens``)."""
+        return self.strategy.num_image_tokens(self)
 
     @property
     def image_size(self) -> int:
@@ -85,9 +95,10 @@ class VLM(nn.Module):
 
     def processor(self, max_length: int = 512, train_on: TrainOn = "assistant") -> VLMProcessor:
         """A processor that tokenizes conversations and images for this model."""
-        pad = None if self.views is None or self.views.pad == "none" else self.views.pad
+        mean = next((e.preprocess.mean for e in self.encoders.values() if hasattr(e, "preprocess")), None)
+        policy, fill = resize_settings(self.resize_policy, None if self.views is None else self.views.pad, mean)
         return VLMProcessor(self.llm.tokenizer, self.llm.template, self.num_image_tokens, self.image_size,
-                            max_length=max_length, train_on=train_on, pad=pad)
+                            max_length=max_length, train_on=train_on, resize_policy=policy, pad_color=fill)
 
     # ----------------------------------------------------------------------------------------- forward
 
@@ -101,8 +112,7 @@ class VLM(nn.Module):
             pixel_values = split_views(pixel_values, self.views.grid, self.views.size)
         streams: dict[str, torch.Tensor] = {}
         for key, encoder in self.encoders.items():
-            frozen = not any(p.requires_grad for p in encoder.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            with run_frozen_without_grad(encoder):
                 for name, tensor in encoder.encode(pixel_values).items():
                     streams[f"{key}.{name}"] = tensor
         return streams
@@ -120,38 +130,14 @@ class VLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               attention_mask: torch.Tensor | None = None,
               image_streams: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """LLM input embeddings with visual tokens written at the image-token positions (with a holistic
-        encoder: its output for every position; ``attention_mask`` marks the real tokens).
+        """LLM input embeddings of ``input_ids`` with the images in, by the model's strategy (splice: visual
+        tokens at the image-token positions; holistic: the encoder's output for every position).
+        ``attention_mask`` marks the real tokens.
 
         ``image_streams`` (``{"<key>.<stream>": (n_images, views, N, C)}``, from the feature cache) replace
         ``pixel_values``: the encoders do not run.
         """
-        holistic = self.holistic
-        if holistic is not None:
-            frozen = not any(p.requires_grad for p in holistic.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                embeds = holistic.embed_sequence(input_ids, pixel_values, attention_mask)
-            return embeds.to(self.llm.model.get_input_embeddings().weight.dtype)
-        image_mask = input_ids == IMAGE_TOKEN_ID
-        pad = self.llm.tokenizer.pad_token_id or 0
-        embeds = self.llm.embed(input_ids.masked_fill(image_mask, pad))
-        n_slots = int(image_mask.sum())
-        if image_streams:
-            n_images = next(iter(image_streams.values())).shape[0]
-            visual = self.fuse({k: v.to(embeds.device).flatten(0, 1) for k, v in image_streams.items()}, n_images)
-        elif pixel_values is not None and pixel_values.shape[0] > 0:
-            visual = self.encode_images(pixel_values.to(embeds.device))
-        elif n_slots:
-            raise ValueError(f"input_ids hold {n_slots} image-token positions but no pixel_values were given")
-        else:
-            return embeds
-        visual = visual.to(embeds.dtype)
-        if visual.shape[0] * visual.shape[1] != n_slots:
-            raise ValueError(
-                f"{visual.shape[0]} image(s) x {visual.shape[1]} visual tokens do not fill the {n_slots} "
-                "image-token positions in input_ids; tokenize with this model's processor()"
-            )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        return self.strategy.embed(self, input_ids, pixel_values, attention_mask, image_streams)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -165,47 +151,8 @@ class VLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
         """Decoded continuations of a left-padded prompt batch (special tokens stripped)."""
-        if self.holistic is not None:
-            out = self._generate_holistic(input_ids, attention_mask, pixel_values, max_new_tokens, **kwargs)
-            return [s.strip() for s in self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        embeds = self.embed(input_ids, pixel_values)
-        out = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        out = self.strategy.generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, **kwargs)
         return [s.strip() for s in self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    def _generate_holistic(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           pixel_values: torch.Tensor | None, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        """Greedy decoding through the holistic encoder: every new token is embedded by the encoder (not the
-        LLM's table), so the encoder reruns on the grown sequence (by causality the earlier positions'
-        embeddings do not change, so the LLM's key/value cache stays valid). Returns the new token ids."""
-        if kwargs.get("do_sample") or kwargs.get("num_beams", 1) != 1:
-            raise ValueError("generation with a holistic encoder is greedy only (do_sample and beam search are "
-                             "not supported)")
-        holistic = self.holistic
-        assert holistic is not None
-        stop = torch.tensor(self.llm.template.stop_token_ids(self.llm.tokenizer), device=input_ids.device)
-        pad = self.llm.tokenizer.pad_token_id or 0
-        mask = attention_mask.long()
-        embeds = self.embed(input_ids, pixel_values, mask)
-        new = embeds
-        past = None
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tokens: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
-            out = self.llm.model(inputs_embeds=new, attention_mask=mask, position_ids=positions,
-                                 past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[:, -1].argmax(-1).masked_fill(finished, pad)
-            tokens.append(token)
-            finished |= torch.isin(token, stop)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            new = self.embed(input_ids, pixel_values, mask)[:, -1:]
-        if not tokens:
-            return input_ids.new_zeros(input_ids.shape[0], 0)
-        return torch.stack(tokens, dim=1)
 
     def answer(self, images: Sequence[Image.Image | None], questions: Sequence[str],
                max_new_tokens: int = 32) -> list[str]:
@@ -222,8 +169,6 @@ class VLM(nn.Module):
 
     def load_weights(self, path: str | Path, strict: bool = True) -> None:
         """Load a ``model.safetensors`` written by vlkit (a file, or a folder that contains one)."""
-        from vlkit.training.checkpoint import read_weights
-
         state = read_weights(path)
         missing, unexpected = self.load_state_dict(state, strict=False)
         if strict and (missing or unexpected):
@@ -235,7 +180,7 @@ class VLM(nn.Module):
 
 def build_model(recipe: Recipe) -> VLM:
     """Build the VLM a validated recipe describes (this is where weights are loaded)."""
-    from vlkit.registry import ENCODERS, FUSIONS, LLMS
+    from vlkit.registry import ENCODERS, LLMS
 
     encoders: dict[str, VisionEncoder] = {}
     for i, section in enumerate(recipe.model.encoders):
@@ -245,15 +190,18 @@ def build_model(recipe: Recipe) -> VLM:
                               f"model.encoders[{i}].key")
         encoders[key] = ENCODERS.build(section, f"model.encoders[{i}]")
     llm = LLMS.build(recipe.model.llm, "model.llm")
-    holistic = [(i, enc) for i, enc in enumerate(encoders.values()) if isinstance(enc, HolisticEncoder)]
-    if holistic:  # HoVLE: the encoder embeds the whole sequence for the LLM; no fusion
-        i, encoder = holistic[0]
-        if encoder.width != llm.hidden_size:
-            raise RecipeError(f"the holistic encoder's output is the LLM's input, so its width ({encoder.width}) "
-                              f"must equal the LLM's hidden size ({llm.hidden_size})", f"model.encoders[{i}].width")
-        encoder.bind_llm(llm.model.get_input_embeddings())
-        return VLM(encoders, None, llm, views=recipe.model.views)
-    streams = {f"{key}.{name}": (enc.num_tokens, dim)
-               for key, enc in encoders.items() for name, dim in enc.stream_dims.items()}
-    fusion = FUSIONS.build(recipe.model.fusion, "model.fusion", streams=streams, hidden_size=llm.hidden_size)
-    return VLM(encoders, fusion, llm, views=recipe.model.views)
+    # the strategy builds the fusion its parts need (none for a holistic encoder, which binds to the LLM)
+    fusion = strategy_for([type(e) for e in encoders.values()]).build_fusion(encoders, llm, recipe.model.fusion)
+    return VLM(encoders, fusion, llm, views=recipe.model.views, resize_policy=recipe.model.resize_policy)
+
+
+def frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of ``module`` that have parameters, all of them frozen."""
+    out: list[nn.Module] = []
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(child)
+        else:
+            out += frozen_modules(child)
+    return out

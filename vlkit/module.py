@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
@@ -12,14 +11,10 @@ import torch.distributed as dist
 from rich.console import Console
 
 from vlkit.config import EvalConfig, StageConfig
+from vlkit.eval.metrics import normalize_answer  # re-exported: vlkit.module.normalize_answer
 from vlkit.model import VLM
 from vlkit.training.distill import Distiller
 from vlkit.training.stages import build_optimizer, print_param_table
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, collapse whitespace, drop surrounding punctuation (exact match after this)."""
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -59,12 +54,13 @@ class VLMModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- data
 
     def _processor(self):
-        args = self.train_data.args
-        return self.model.processor(max_length=getattr(args, "max_length", 512),
-                                    train_on=getattr(args, "train_on", "assistant"))
+        args = self.train_data.processor_args
+        return self.model.processor(max_length=args.max_length, train_on=args.train_on)
 
     def train_dataloader(self):
-        return self.train_data.train_loader(self._processor(), seed=self.seed + self.trainer.global_step,
+        from vlkit.data.base import stage_data_seed  # each stage streams its own order
+
+        return self.train_data.train_loader(self._processor(), seed=stage_data_seed(self.seed, self.stage.name),
                                             rank=self.global_rank, world_size=self.trainer.world_size)
 
     @property

@@ -1,9 +1,13 @@
 """Conversations, chat templates and label masks built from message structure (never string lengths).
 
 A conversation is a list of :class:`Message`. A :class:`ChatTemplate` renders it as text *segments*, each
-flagged trainable or not; segments are tokenized one by one, so labels follow message boundaries exactly.
-Each ``<image>`` in a message becomes ``num_image_tokens`` copies of :data:`IMAGE_TOKEN_ID`, whose labels
-are always -100; the model later replaces those positions with visual tokens.
+flagged trainable or not. The ids are the tokenization of the whole rendered string (what
+``apply_chat_template``, vLLM or an exported model see: tokenizing segment by segment differs under
+SentencePiece and merge-based BPE, e.g. ``"ASSISTANT: "`` + ``"Paris"``), and a token trains when its
+characters (the tokenizer's offset mapping) overlap a trainable segment, so labels still follow message
+boundaries. Each ``<image>`` becomes ``num_image_tokens`` copies of :data:`IMAGE_TOKEN_ID` (labels always
+-100), tokenized like a special token: the text on either side never merges across it. The model later
+replaces those positions with visual tokens.
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from vlkit.constants import IGNORE_INDEX, IMAGE_TOKEN_ID  # re-exported: their home is vlkit.constants
 from vlkit.errors import DataError, RecipeError
 
 IMAGE_PLACEHOLDER = "<image>"
-IMAGE_TOKEN_ID = -200
-"""Placeholder id for visual-token positions in ``input_ids`` (never looked up in an embedding table)."""
-IGNORE_INDEX = -100
 
 Role = Literal["system", "user", "assistant"]
 TrainOn = Literal["assistant", "last", "all"]
@@ -204,15 +206,26 @@ def get_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     return BUILTIN_TEMPLATES[name]
 
 
-def _tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> tuple[list[int], int]:
-    ids: list[int] = []
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    for j, piece in enumerate(pieces):
-        if j > 0:
-            ids.extend([IMAGE_TOKEN_ID] * num_image_tokens)
-        if piece:
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
-    return ids, len(pieces) - 1
+def _image_stand_in(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A special token of ``tokenizer`` that stands in for each ``<image>`` while the whole string is tokenized
+    (added tokens are split out before pre-tokenization, as an exported model's ``<image>`` token is), or
+    None when it has none that matches its text exactly (no stripping, no normalization)."""
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if (getattr(token, "special", False) and not token.lstrip and not token.rstrip and not token.single_word
+                and not token.normalized and token.content):
+            return str(token.content)
+    return None
+
+
+def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text`` tokenized as one string (no added bos/eos)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise RecipeError("label masks are computed from the tokenizer's character offsets, which this "
+                          f"({type(tokenizer).__name__}) tokenizer cannot give; load a fast tokenizer "
+                          "(tokenizer.json)", "model.llm.tokenizer") from None
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
 def tokenize_conversation(
@@ -227,14 +240,25 @@ def tokenize_conversation(
 
     ``train_on``: ``assistant`` (every assistant turn), ``last`` (only the last assistant turn) or ``all``
     (every text token). A message's own ``trainable`` flag takes precedence. Image tokens never train.
+    The ids are the whole rendered conversation's tokenization; a token trains when its characters overlap
+    a trainable segment (a token merging an assistant header's space with the answer trains).
     """
     last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    n_images = 0
+    stand_in = _image_stand_in(tokenizer)
+    marker = stand_in if stand_in is not None else IMAGE_PLACEHOLDER
+    parts: list[str] = []
+    train_spans: list[tuple[int, int]] = []
+    image_starts: list[int] = []
+    pos = 0
     for text, is_body, idx in template.segments(messages, tokenizer, add_generation_prompt):
-        ids, n = _tokenize_text(text, tokenizer, num_image_tokens)
-        n_images += n
+        seg_start = pos
+        for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if j > 0:
+                image_starts.append(pos)
+                parts.append(marker)
+                pos += len(marker)
+            parts.append(piece)
+            pos += len(piece)
         msg = messages[idx] if 0 <= idx < len(messages) else None
         if msg is not None and msg.trainable is not None:
             train = msg.trainable and (is_body or msg.role != "assistant")
@@ -244,6 +268,43 @@ def tokenize_conversation(
             train = is_body and idx == last_assistant
         else:
             train = is_body
-        input_ids.extend(ids)
-        labels.extend(i if train and i != IMAGE_TOKEN_ID else IGNORE_INDEX for i in ids)
-    return input_ids, labels, n_images
+        if train:
+            train_spans.append((seg_start, pos))
+    full = "".join(parts)
+    trains = bytearray(len(full) + 1)
+    for start, end in train_spans:
+        trains[start:end] = b"\x01" * (end - start)
+    for start in image_starts:
+        trains[start:start + len(marker)] = b"\x00" * len(marker)
+
+    # runs of text between images; with a stand-in token the whole string is one run
+    runs = [(0, len(full))]
+    if stand_in is None:
+        bounds = [0, *[b for s in image_starts for b in (s, s + len(marker))], len(full)]
+        runs = [(bounds[k], bounds[k + 1]) for k in range(0, len(bounds), 2)]
+    images = set(image_starts)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    found = 0
+    for k, (run_start, run_end) in enumerate(runs):
+        if stand_in is None and k > 0:
+            input_ids.extend([IMAGE_TOKEN_ID] * num_image_tokens)
+            labels.extend([IGNORE_INDEX] * num_image_tokens)
+            found += 1
+        if run_end <= run_start:
+            continue
+        ids, offsets = _encode(full[run_start:run_end], tokenizer)
+        for token, (s, e) in zip(ids, offsets):
+            s, e = s + run_start, e + run_start
+            if stand_in is not None and s in images and e - s == len(marker):
+                input_ids.extend([IMAGE_TOKEN_ID] * num_image_tokens)
+                labels.extend([IGNORE_INDEX] * num_image_tokens)
+                found += 1
+                continue
+            input_ids.append(token)
+            labels.append(token if (1 in trains[s:e] if e > s else trains[s]) else IGNORE_INDEX)
+    if found != len(image_starts):
+        raise RecipeError(f"the tokenizer split its special token {marker!r} (standing in for {IMAGE_PLACEHOLDER}) "
+                          "into several tokens; use a tokenizer whose special tokens tokenize whole",
+                          "model.llm.tokenizer")
+    return input_ids, labels, len(image_starts)

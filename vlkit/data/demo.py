@@ -561,9 +561,11 @@ def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 150
                 raise
             splits[split] = writer.close()
     (out / ".tokenizer.tmp").replace(out / "tokenizer")
+    write_samples(out / SAMPLES_DIR, random.Random(f"vlkit-demo-samples:{seed}"), image_size)
     index = {
         "splits": splits,
         "tokenizer": "tokenizer",
+        "samples": f"{SAMPLES_DIR}/{SAMPLES_FILE}",
         "builder": {"name": "vlkit data demo", "seed": seed, "image_size": image_size,
                     "train_scenes": train_scenes, "val_scenes": val_scenes, "digit_repeats": digit_repeats,
                     "caption_fraction": caption_fraction, "box_scenes": n_box,
@@ -572,6 +574,26 @@ def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 150
     }
     write_index(out, index)
     return index
+
+
+SAMPLES_DIR = "samples"
+SAMPLES_FILE = "questions.jsonl"
+
+
+def write_samples(folder: Path, rng: random.Random, image_size: int = 64) -> Path:
+    """A few images with questions for ``vlkit predict`` (one per scene question type): ``folder/*.png`` and
+    ``folder/questions.jsonl`` of ``{"image", "question", "expected"}`` (image names relative to the file).
+    Drawn from an RNG stream of their own, so the shards do not depend on them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for kind in SCENE_TYPES:
+        scene, question, answer = _val_scene(kind, rng.randrange(len(ANSWERS[kind])), rng)
+        name = f"{kind}.png"
+        draw_scene(scene, image_size).save(folder / name)
+        lines.append(json.dumps({"image": name, "question": question, "expected": answer}))
+    path = folder / SAMPLES_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _progress(enabled: bool) -> Any:

@@ -21,9 +21,6 @@ validation sees the same inputs. Use it as a stage's own dataset::
 from __future__ import annotations
 
 import io
-import random
-import tarfile
-import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,12 +28,29 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from vlkit.data.base import Dataset, ProcessorArgs, ShardSource
 from vlkit.data.conversation import IMAGE_TOKEN_ID
 from vlkit.data.processor import VLMProcessor, image_to_tensor
-from vlkit.data.shards import IMAGE_EXTENSIONS, expand_urls, iter_tar_samples, split_shards
-from vlkit.errors import DataError, RecipeError
+from vlkit.data.reading import (
+    ERROR_KEY,
+    IMAGE_EXTENSIONS,
+    EpochStream,
+    Loader,
+    Position,
+    SampleSource,
+    SkipReporter,
+    count_samples,
+    data_loader,
+    error_batch,
+    expand_urls,
+    indexed_counts,
+    reader_split,
+    share,
+    split_shards,
+)
+from vlkit.errors import DataError, RecipeError, VlkitError
 from vlkit.registry import DATASETS
 
 _VAL_TEXT_SEED = 7_919  # validation text never follows the training seeds
@@ -51,138 +65,145 @@ def text_vocabulary(processor: VLMProcessor) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-class _Stream(IterableDataset):
-    """Batches of (image, random text) samples from ``shards``; endless when ``train``, else one pass."""
+class _Images:
+    """Decoding and batching of (image, random text) samples, shared by the train and validation streams."""
 
-    def __init__(self, shards: list[str], processor: VLMProcessor, args: DistillImages.Args, seed: int,
-                 rank: int, world_size: int, train: bool, cap: int | None) -> None:
-        super().__init__()
-        self.shards = shards
+    def __init__(self, processor: VLMProcessor, args: DistillImages.Args) -> None:
         self.image_size = processor.image_size
         self.num_image_tokens = processor.num_image_tokens
         self.vocab = text_vocabulary(processor)
         self.args = args
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.train = train
-        self.cap = cap
-        self._warned = 0
+        self.report = SkipReporter(args.strict, prefix="distill_images: ")
 
-    def _readers(self) -> tuple[int, int]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def _images(self, shards: list[str], stride: int, offset: int) -> Iterator[tuple[str, bytes | None]]:
-        """``(url, image bytes)`` of the samples of ``shards`` that have an image (every ``stride``-th from
-        ``offset``); an unreadable shard gives ``(url, None)`` once."""
-        index = -1
-        for url in shards:
-            try:
-                for _, files in iter_tar_samples(url):
-                    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-                    if ext is None:
-                        continue
-                    index += 1
-                    if index % stride == offset:
-                        yield url, files[ext]
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                self._bad(url, f"unreadable tar shard ({type(exc).__name__}: {exc})")
-                yield url, None
-
-    def _bad(self, url: str, reason: str) -> None:
-        if self.args.strict:
-            raise DataError(f"{url}: {reason}. Fix or remove it, or set strict: false to skip bad images")
-        if self._warned < 3:
-            self._warned += 1
-            warnings.warn(f"distill_images: skipping {url}: {reason}", RuntimeWarning, stacklevel=2)
-
-    def _decode(self, url: str, data: bytes) -> torch.Tensor | None:
+    def decode(self, sample: dict[str, Any]) -> torch.Tensor | bool | None:
+        """The sample's image tensor; False for a sample without an image (passed over); None when it is
+        unusable (reported, counted by the caller)."""
+        if ERROR_KEY in sample:
+            self.report(sample["__url__"], sample["__key__"], sample[ERROR_KEY])
+            return None
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            return False
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(sample[ext])) as image:
                 return image_to_tensor(image.convert("RGB"), self.image_size)
         except (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
-            self._bad(url, f"cannot decode an image ({type(exc).__name__}: {exc})")
+            self.report(sample["__url__"], sample["__key__"],
+                        f"cannot decode an image ({type(exc).__name__}: {exc})")
             return None
 
-    def _batch(self, pixels: list[torch.Tensor], urls: list[str], skipped: int,
-               generator: torch.Generator) -> dict[str, Any]:
+    def batch(self, pixels: list[torch.Tensor], urls: list[str], skipped: int, text_seed: int
+              ) -> dict[str, Any]:
+        """A batch; its random text is drawn with ``text_seed`` (one seed per batch: resumable)."""
         b = len(pixels)
+        generator = torch.Generator().manual_seed(text_seed % 2**63)
         text = self.vocab[torch.randint(len(self.vocab), (b, self.args.text_length), generator=generator)]
         image = torch.full((b, self.num_image_tokens), IMAGE_TOKEN_ID, dtype=torch.long)
         input_ids = torch.cat([image, text], dim=1)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": torch.stack(pixels), "__url__": urls, "skipped": skipped}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, readers = self._readers()
-        # with at least one shard per reader, readers split the shards; otherwise they split the samples
-        by_shard = len(self.shards) >= readers
-        shards = self.shards[reader::readers] if by_shard else self.shards
-        stride, offset = (1, 0) if by_shard else (readers, reader)
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + reader) % 2**63 if self.train else _VAL_TEXT_SEED * 1_000_003 + reader)
-        yield from (self._train(shards, stride, offset, reader, generator) if self.train
-                    else self._val(shards, stride, offset, readers, reader, generator))
 
-    def _train(self, shards: list[str], stride: int, offset: int, reader: int,
-               generator: torch.Generator) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"vlkit-distill:{self.seed}:{reader}")
-        buffer: list[tuple[str, bytes]] = []
+def _text_seed(seed: Any, reader: int, index: int) -> int:
+    return zlib.crc32(f"vlkit-distill-text:{seed}:{reader}:{index}".encode())
+
+
+class _TrainStream(EpochStream):
+    """Endless batches of (image, random text) from the shards, reshuffled every pass; readers (loader
+    workers of every rank) split the shards, or the samples when there are fewer shards than readers."""
+
+    def __init__(self, shards: list[str], images: _Images, seed: int, rank: int, world_size: int,
+                 batches: int, workers: int, expected: dict[str, int]) -> None:
+        super().__init__(batches, workers)
+        self.shards = shards
+        self.images = images
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.expected = expected
+
+    def _batches(self, worker: int, workers: int, state: Any) -> Iterator[tuple[dict[str, Any], Any]]:
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        shards, stride, offset = reader_split(self.shards, reader, readers)
+        args = self.images.args
+        source = SampleSource(shards, f"distill:{self.seed}:{reader}", args.shuffle_buffer, args.strict,
+                              self.expected, stride, offset)
+        made, start = (int(state[0]), Position.from_state(state[1])) if state else (0, Position())
         pixels: list[torch.Tensor] = []
         urls: list[str] = []
         skipped = 0
-        while True:
-            order = list(shards)
-            rng.shuffle(order)
-            seen = 0
-            for url, data in self._images(order, stride, offset):
-                if data is None:
-                    skipped += 1
-                    continue
-                seen += 1
-                buffer.append((url, data))
-                if len(buffer) < max(1, self.args.shuffle_buffer):
-                    continue
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                url, data = buffer.pop()
-                image = self._decode(url, data)
-                if image is None:
-                    skipped += 1
-                    continue
-                pixels.append(image)
-                urls.append(url)
-                if len(pixels) == self.args.batch_size:
-                    yield self._batch(pixels, urls, skipped, generator)
-                    pixels, urls, skipped = [], [], 0
-            if not seen and not buffer:
-                raise DataError(f"distill_images: no readable image in {', '.join(shards)}")
+        current, seen = start.pass_, start.taken > 0 or made > 0
+        for sample, pos in source.samples(start):
+            if pos.pass_ != current:
+                if not seen:
+                    raise DataError(f"distill_images: no readable image in {', '.join(shards)}")
+                current, seen = pos.pass_, False
+            image = self.images.decode(sample)
+            if image is False:
+                continue
+            if image is None:
+                skipped += 1
+                continue
+            seen = True
+            pixels.append(image)
+            urls.append(sample["__url__"])
+            if len(pixels) == args.batch_size:
+                batch = self.images.batch(pixels, urls, skipped, _text_seed(self.seed, reader, made))
+                made += 1
+                yield batch, [made, pos.to_state()]
+                pixels, urls, skipped = [], [], 0
 
-    def _val(self, shards: list[str], stride: int, offset: int, readers: int, reader: int,
-             generator: torch.Generator) -> Iterator[dict[str, Any]]:
-        cap = None if self.cap is None else self.cap // readers + (1 if reader < self.cap % readers else 0)
+
+class _ValStream(IterableDataset):
+    """One in-order pass over this reader's part of the held-out images; text from a fixed seed."""
+
+    def __init__(self, shards: list[str], images: _Images, rank: int, world_size: int, cap: int | None,
+                 expected: dict[str, int]) -> None:
+        super().__init__()
+        self.shards = shards
+        self.images = images
+        self.rank, self.world_size = rank, world_size
+        self.cap = cap
+        self.expected = expected
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except VlkitError as exc:
+            if get_worker_info() is None:
+                raise
+            yield error_batch(exc)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        cap = None if self.cap is None else share(self.cap, readers, reader)
+        shards, stride, offset = reader_split(self.shards, reader, readers)
+        source = SampleSource(shards, "val", 0, self.images.args.strict, self.expected, stride, offset)
         pixels: list[torch.Tensor] = []
         urls: list[str] = []
-        skipped = taken = 0
-        for url, data in self._images(shards, stride, offset):
+        skipped = taken = made = 0
+        for sample in source.one_pass(0):
             if cap is not None and taken >= cap:
                 break
-            image = None if data is None else self._decode(url, data)
+            image = self.images.decode(sample)
+            if image is False:
+                continue
             if image is None:
                 skipped += 1
                 continue
             taken += 1
             pixels.append(image)
-            urls.append(url)
-            if len(pixels) == self.args.batch_size:
-                yield self._batch(pixels, urls, skipped, generator)
+            urls.append(sample["__url__"])
+            if len(pixels) == self.images.args.batch_size:
+                yield self.images.batch(pixels, urls, skipped, _text_seed(_VAL_TEXT_SEED, reader, made))
+                made += 1
                 pixels, urls, skipped = [], [], 0
         if pixels:
-            yield self._batch(pixels, urls, skipped, generator)
+            yield self.images.batch(pixels, urls, skipped, _text_seed(_VAL_TEXT_SEED, reader, made))
 
 
 @DATASETS.register("distill_images")
-class DistillImages:
+class DistillImages(Dataset):
     """Unpaired images (from any image shards) + random token sequences, for ``objective: distill``."""
 
     objective: ClassVar[str] = "distill"
@@ -220,33 +241,48 @@ class DistillImages:
         self.args = args
         self.shards = expand_urls(args.urls)
         self.val_shards = expand_urls(args.val_urls) if args.val_urls else []
+        self._num_samples: int | None = None
 
     def __repr__(self) -> str:
         return f"DistillImages({self.args.urls!r}, {len(self.shards)} shards)"
+
+    @property
+    def processor_args(self) -> ProcessorArgs:
+        """Batches are built here, not tokenized: the processor's defaults."""
+        return ProcessorArgs()
 
     def has_validation(self) -> bool:
         """Whether held-out images (``val_urls``) are set."""
         return bool(self.val_shards)
 
-    @staticmethod
-    def _loader(stream: IterableDataset, workers: int) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=2 if workers > 0 else None)
+    def shard_sources(self) -> list[ShardSource]:
+        """The training and held-out shards; only their images are used."""
+        return [ShardSource(list(self.shards + self.val_shards), conversations=False)]
 
-    def train_loader(self, processor: VLMProcessor, seed: int = 0, rank: int = 0,
-                     world_size: int = 1) -> DataLoader:
+    def num_samples(self) -> int:
+        """Samples in the training shards (those without an image included): the loader epoch's length."""
+        if self._num_samples is None:
+            self._num_samples = count_samples(self.shards)
+        return self._num_samples
+
+    def train_loader(self, processor: VLMProcessor, *, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> Loader:
         """Endless stream of training batches for rank ``rank`` of ``world_size`` (see the module doc)."""
-        stream = _Stream(self.shards, processor, self.args, seed, rank, world_size, train=True, cap=None)
         mine = split_shards(self.shards, rank, world_size) if len(self.shards) >= world_size else self.shards
-        return self._loader(stream, min(self.args.num_workers, len(mine)))
+        workers = min(self.args.num_workers, len(mine))
+        stream = _TrainStream(self.shards, _Images(processor, self.args), seed, rank, world_size,
+                              self.batches_per_epoch(world_size), workers, indexed_counts(self.shards))
+        return data_loader(stream, workers)
 
-    def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
-                   max_samples: int | None = None) -> DataLoader:
+    def val_loader(self, processor: VLMProcessor, *, rank: int = 0, world_size: int = 1,
+                   max_samples: int | None = None) -> Loader:
         """One pass over this rank's part of the held-out images (at most ``val_samples`` / ``max_samples``
         of all ranks together); empty without ``val_urls``."""
-        if not self.val_shards:
-            return self._loader(_Stream([], processor, self.args, 0, rank, world_size, False, 0), 0)
         caps = [c for c in (self.args.val_samples, max_samples) if c is not None]
-        stream = _Stream(self.val_shards, processor, self.args, 0, rank, world_size, train=False,
-                         cap=min(caps) if caps else None)
-        return self._loader(stream, min(self.args.num_workers, max(1, len(self.val_shards))))
+        cap = min(caps) if caps else None
+        if not self.val_shards:
+            cap = 0
+        stream = _ValStream(self.val_shards, _Images(processor, self.args), rank, world_size, cap,
+                            indexed_counts(self.val_shards))
+        workers = min(self.args.num_workers, max(1, len(self.val_shards))) if self.val_shards else 0
+        return data_loader(stream, workers)

@@ -79,7 +79,7 @@ def describe(recipe: Recipe, model: VLM) -> dict[str, Any]:
     """The non-weight part of the fingerprint (written to ``fingerprint.json`` for people to read)."""
     return {"format": FORMAT, "encoders": [dict(s) for s in recipe.model.encoders],
             "image_size": model.image_size, "views": None if model.views is None else asdict(model.views),
-            "pad": model.processor().pad}
+            "pixels": model.processor().image_spec}
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from vlkit.data.conversation import IMAGE_PLACEHOLDER, messages_from_llava
-from vlkit.data.shards import SplitWriter, prepare_out_dir, sample_key, write_index
+from vlkit.data.writing import SplitWriter, prepare_out_dir, sample_key, write_index
 from vlkit.errors import DataError
 
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}

@@ -42,11 +42,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
+from vlkit.data.base import Dataset, ShardSource
 from vlkit.data.conversation import Message
 from vlkit.data.processor import VLMProcessor
-from vlkit.data.shards import EpochCounts, EpochStream, collate_batch, data_loader, loader_arg_problems
+from vlkit.data.reading import EpochStream, Loader, data_loader
+from vlkit.data.shards import collate_batch, loader_arg_problems
 from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
 
@@ -176,11 +178,14 @@ def _split(total: int | None, weights: Sequence[float]) -> list[int | None]:
 
 
 class _MixStream(EpochStream):
-    """Training batches whose samples are drawn one by one from the members' streams, by weight."""
+    """Training batches whose samples are drawn one by one from the members' streams, by weight.
+
+    A logical worker's position is the number of batches it made (its member draws are replayed from the
+    seed) and the position of each member stream."""
 
     def __init__(self, streams: list[Any], tasks: list[str], weights: list[float], processor: VLMProcessor,
-                 batch_size: int, seed: int, rank: int, batches: int) -> None:
-        super().__init__()
+                 batch_size: int, seed: int, rank: int, batches: int, workers: int) -> None:
+        super().__init__(batches, workers)
         self.streams = streams
         self.tasks = tasks
         self.weights = weights
@@ -188,21 +193,23 @@ class _MixStream(EpochStream):
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
-        self.batches = batches
-        self._gen = None
 
-    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+    def _batches(self, worker: int, workers: int, state: Any) -> Iterator[tuple[dict[str, Any], Any]]:
+        made, positions = (int(state[0]), list(state[1])) if state else (0, [None] * len(self.streams))
         rng = random.Random(f"vlkit-mix:{self.seed}:{self.rank}:{worker}")
-        sources = [s.features(worker, workers) for s in self.streams]
-        members = range(len(sources))
+        members = range(len(self.streams))
+        for _ in range(made):  # replay the draws of the batches made before the saved position
+            rng.choices(members, weights=self.weights, k=self.batch_size)
+        sources = [s.features(worker, workers, pos) for s, pos in zip(self.streams, positions)]
         while True:
             feats, skipped = [], 0
             for i in rng.choices(members, weights=self.weights, k=self.batch_size):
-                f, skips = next(sources[i])
+                f, skips, positions[i] = next(sources[i])
                 f["task"] = self.tasks[i]
                 feats.append(f)
                 skipped += skips
-            yield collate_batch(self.processor, feats, skipped, prompt=False)
+            made += 1
+            yield collate_batch(self.processor, feats, skipped, prompt=False), [made, list(positions)]
 
 
 class _MixValStream(IterableDataset):
@@ -216,12 +223,15 @@ class _MixValStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for stream, task in zip(self.streams, self.tasks):
             for batch in stream:
+                if "input_ids" not in batch:  # a member's error, carried out of a loader worker
+                    yield batch
+                    return
                 batch["task"] = [task] * int(batch["input_ids"].shape[0])
                 yield batch
 
 
 @DATASETS.register("mix")
-class MixDataset(EpochCounts):
+class MixDataset(Dataset):
     """Several datasets sampled by weight, each a named task with its own instruction (see the module)."""
 
     @dataclass
@@ -293,6 +303,11 @@ class MixDataset(EpochCounts):
                               "data.feature_cache") from None
         return other
 
+    def shard_sources(self) -> list[ShardSource]:
+        """Each member's shards, with its task instruction."""
+        return [dataclasses.replace(source, rewrite=rewrite) for d, rewrite in zip(self.datasets, self._rewrites())
+                for source in d.shard_sources()]
+
     # ------------------------------------------------------------------------------------------- counts
 
     def num_samples(self) -> int:
@@ -301,8 +316,8 @@ class MixDataset(EpochCounts):
 
     # ------------------------------------------------------------------------------------------ loaders
 
-    def train_loader(self, processor: VLMProcessor, seed: int = 0, rank: int = 0,
-                     world_size: int = 1) -> DataLoader:
+    def train_loader(self, processor: VLMProcessor, *, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> Loader:
         """Infinite training stream for rank ``rank`` of ``world_size``: batches of ``batch_size`` samples,
         each from a member drawn by weight; the keys of a ``shards`` batch plus a ``task`` list."""
         per_rank = []
@@ -316,11 +331,11 @@ class MixDataset(EpochCounts):
                                   workers, rewrite)
                    for i, (d, rewrite) in enumerate(zip(self.datasets, self._rewrites()))]
         stream = _MixStream(streams, self.tasks, self.weights, self._processor(processor), self.args.batch_size,
-                            seed, rank, self.batches_per_epoch(world_size))
+                            seed, rank, self.batches_per_epoch(world_size), workers)
         return data_loader(stream, workers)
 
-    def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
-                   max_samples: int | None = None) -> DataLoader:
+    def val_loader(self, processor: VLMProcessor, *, rank: int = 0, world_size: int = 1,
+                   max_samples: int | None = None) -> Loader:
         """One pass over each member's validation samples in turn (with its instruction); ``max_samples``
         is split across the members by weight. Batches as ``shards`` gives, plus a ``task`` list."""
         caps = _split(max_samples, self.weights)

@@ -1,12 +1,17 @@
-"""Turn samples (image + conversation) into model inputs, and lists of them into padded batches."""
+"""Turn samples (image + conversation) into model inputs, and lists of them into padded batches.
+
+Samples longer than ``max_length`` follow ``overflow``: ``skip`` (the sample is unusable) or ``truncate``
+(the text after the last image-token block is cut, keeping at least one trained token; an image block is
+never cut). Every per-sample problem raises :class:`UnusableSample`, a :class:`~vlkit.errors.DataError`
+that the data layer skips and counts (``strict: false``) or reports with the sample's shard and key.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
@@ -14,22 +19,39 @@ from transformers import PreTrainedTokenizerBase
 from vlkit.data.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
     ChatTemplate,
     Message,
     TrainOn,
     tokenize_conversation,
 )
 from vlkit.data.feature_cache import CachedImage
-from vlkit.data.views import image_to_square_tensor
+from vlkit.data.views import PAD_COLORS, ResizePolicy, image_to_square_tensor
 from vlkit.errors import DataError
+
+Overflow = Literal["skip", "truncate"]
+
+
+class UnusableSample(DataError):
+    """A sample that cannot train or be evaluated as it is (no trained token, too long for ``max_length``,
+    placeholders not matching its images); ``str(exc)`` says why and how to fix it. The data layer skips and
+    counts it, or raises it with the shard and sample key under ``strict: true``."""
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB ``(3, size, size)`` float tensor in [0, 1] (bicubic resize of the whole image)."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    """RGB ``(3, size, size)`` float tensor in [0, 1] (bicubic resize of the whole image: ``resize`` policy)."""
+    return image_to_square_tensor(image, size, "resize")
+
+
+@dataclass
+class Encoded:
+    """A conversation as the model trains on it."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+    truncated: int = 0
+    """Tokens cut from the end by ``overflow: truncate`` (0: the whole conversation fits)."""
 
 
 @dataclass
@@ -42,30 +64,37 @@ class VLMProcessor:
     image_size: int
     max_length: int = 512
     train_on: TrainOn = "assistant"
-    pad: str | None = None
-    """Pad images to square with this colour (``mean``, ``white``, ``black``; see :mod:`vlkit.data.views`)
-    before resizing; None stretches the whole image to ``image_size``."""
+    overflow: Overflow = "skip"
+    """Samples over ``max_length``: ``skip`` them, or ``truncate`` the text after the last image block."""
+    resize_policy: ResizePolicy = "resize"
+    """How a non-square image becomes square (:func:`vlkit.data.views.square_image`)."""
+    pad_color: tuple[int, int, int] = PAD_COLORS["mean"]
+    """Fill of the ``pad`` policy (RGB)."""
 
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
-    def _check(self, messages: Sequence[Message], image: Image.Image | CachedImage | None, n_images: int,
-               n_ids: int) -> None:
+    @property
+    def image_spec(self) -> str:
+        """What the pixels depend on besides the image: ``pad(R, G, B)``, ``resize`` or ``crop`` at the size."""
+        policy = f"pad{tuple(self.pad_color)}" if self.resize_policy == "pad" else self.resize_policy
+        return f"{policy}@{self.image_size}"
+
+    def _check_images(self, image: Image.Image | CachedImage | None, n_images: int) -> None:
         expected = 0 if image is None else 1
         if n_images != expected:
-            raise DataError(f"sample has {expected} image(s) but {n_images} {IMAGE_PLACEHOLDER!r} placeholder(s) "
-                            "in its conversation; put exactly one placeholder per image")
-        if n_ids > self.max_length:
-            raise DataError(f"sample is {n_ids} tokens long (incl. {self.num_image_tokens} visual tokens), over "
-                            f"max_length={self.max_length}; raise data.*.max_length or shorten the sample")
+            raise UnusableSample(f"sample has {expected} image(s) but {n_images} {IMAGE_PLACEHOLDER!r} "
+                                 "placeholder(s) in its conversation; put exactly one placeholder per image")
+
+    def _too_long(self, n_ids: int, n_images: int) -> str:
+        return (f"sample is {n_ids} tokens long (incl. {n_images * self.num_image_tokens} visual tokens), over "
+                f"max_length={self.max_length}")
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The ``(3, image_size, image_size)`` pixels in [0, 1] this processor delivers for ``image``."""
-        if self.pad is None:
-            return image_to_tensor(image, self.image_size)
-        return image_to_square_tensor(image, self.image_size, self.pad)
+        return image_to_square_tensor(image, self.image_size, self.resize_policy, self.pad_color)
 
     def image_inputs(self, image: Image.Image | CachedImage | None) -> dict[str, Any]:
         """``{"pixel_values": ...}`` for an image, ``{"image_streams": ...}`` for one from the feature cache."""
@@ -84,20 +113,47 @@ class VLMProcessor:
                 messages[first] = Message(m.role, f"{IMAGE_PLACEHOLDER}\n{m.content}", m.trainable)
         return messages
 
-    def train_features(self, messages: Sequence[Message], image: Image.Image | CachedImage | None
-                       ) -> dict[str, Any]:
-        """Input ids and labels of a whole conversation (for the training loss)."""
+    def encode(self, messages: Sequence[Message], image: Image.Image | CachedImage | None) -> Encoded:
+        """The whole conversation's ids and labels, fitted to ``max_length`` per ``overflow``.
+
+        Raises :class:`UnusableSample` when no token trains, when the sample is too long under ``skip``, or
+        when truncating would cut an image block or leave no trained token.
+        """
         messages = self._with_placeholder(messages, image)
         ids, labels, n = tokenize_conversation(messages, self.tokenizer, self.template, self.num_image_tokens,
                                                self.train_on)
-        self._check(messages, image, n, len(ids))
+        self._check_images(image, n)
         if all(label == IGNORE_INDEX for label in labels):
-            raise DataError("sample has no trainable tokens (no assistant turn?)")
-        return {"input_ids": ids, "labels": labels, **self.image_inputs(image)}
+            raise UnusableSample(f"sample has no trained token (train_on: {self.train_on}; no assistant turn?)")
+        if len(ids) <= self.max_length:
+            return Encoded(ids, labels, n)
+        too_long = self._too_long(len(ids), n)
+        if self.overflow == "skip":
+            raise UnusableSample(f"{too_long}; raise data.*.max_length, shorten the sample, or set "
+                                 "data.*.overflow: truncate")
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID), default=0)
+        if image_end > self.max_length:
+            raise UnusableSample(f"{too_long}, and its image tokens end at position {image_end}: truncating "
+                                 "would cut an image; raise data.*.max_length")
+        cut_ids, cut_labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in cut_labels):
+            raise UnusableSample(f"{too_long}, and truncating it leaves no trained token; raise "
+                                 "data.*.max_length")
+        return Encoded(cut_ids, cut_labels, n, truncated=len(ids) - self.max_length)
+
+    def train_features(self, messages: Sequence[Message], image: Image.Image | CachedImage | None
+                       ) -> dict[str, Any]:
+        """Input ids and labels of a whole conversation (for the training loss); see :meth:`encode`."""
+        enc = self.encode(messages, image)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, **self.image_inputs(image),
+                "truncated": enc.truncated}
 
     def prompt_features(self, messages: Sequence[Message], image: Image.Image | CachedImage | None
                         ) -> dict[str, Any]:
-        """Prompt ids up to the last assistant turn (with the generation prompt) and that turn's answer."""
+        """Prompt ids up to the last assistant turn (with the generation prompt) and that turn's answer.
+
+        A prompt over ``max_length`` is unusable whatever ``overflow`` says (the answer follows the prompt).
+        """
         messages = self._with_placeholder(messages, image)
         answer = ""
         if messages and messages[-1].role == "assistant":
@@ -105,14 +161,19 @@ class VLMProcessor:
             messages = messages[:-1]
         ids, _, n = tokenize_conversation(messages, self.tokenizer, self.template, self.num_image_tokens,
                                           add_generation_prompt=True)
-        self._check(messages, image, n, len(ids))
+        self._check_images(image, n)
+        if len(ids) > self.max_length:
+            raise UnusableSample(f"the prompt: {self._too_long(len(ids), n)}; raise data.*.max_length or "
+                                 "shorten the sample")
         return {"input_ids": ids, "answer": answer, **self.image_inputs(image)}
 
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
         """Pad to the longest sample (dynamic padding); stack the images of the samples that have one.
 
         Cached streams (``image_streams``) are stacked per stream. Keys other than ``input_ids``, ``labels``,
-        ``pixel_values`` and ``image_streams`` are gathered into lists.
+        ``pixel_values`` and ``image_streams`` are gathered into lists. A batch with labels of which none
+        trains raises :class:`~vlkit.errors.DataError` naming its samples (a loss of 0 must never pass
+        silently).
         """
         if not features:
             raise DataError("cannot collate an empty batch")
@@ -129,6 +190,11 @@ class VLMProcessor:
             attention_mask[i, sl] = 1
             if labels is not None:
                 labels[i, sl] = torch.tensor(f["labels"], dtype=torch.long)
+        if labels is not None and not bool((labels != IGNORE_INDEX).any()):
+            keys = [str(f.get("__key__", f"#{i}")) for i, f in enumerate(features)]
+            shown = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
+            raise DataError(f"a batch has no trained token (every label is -100): samples {shown}; the loss would "
+                            "be 0. Check the chat template and train_on, or run `vlkit data inspect RECIPE`")
         images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
         batch: dict[str, Any] = {
             "input_ids": input_ids,

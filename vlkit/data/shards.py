@@ -8,203 +8,78 @@ type per assistant turn of a multi-turn sample). A dataset folder also has ``ind
                           "shard_samples": [n0, ...], "shard_tasks": [{"vqa": n, ...}, ...]}, ...}}
 
 (``shard_samples`` and ``shard_tasks`` are optional; they let a subset of shards, or a task filter, be
-counted without reading the shards). This module also holds the writer used by ``vlkit data demo`` and
-``vlkit data from-llava`` (:class:`SplitWriter`, :func:`prepare_out_dir`, :func:`write_index`).
+counted without reading the shards, and a truncated shard be recognised). Reading is
+:mod:`vlkit.data.reading` (webdataset's pipeline), writing :mod:`vlkit.data.writing`.
 
 Training streams are infinite: shards are split across ranks (shard ``i`` goes to rank
-``i % world_size``) and then across data-loader workers; each pass over a worker's shards is reshuffled
-with a seed derived from ``seed`` and the pass number, samples go through a shuffle buffer, and every
-loader "epoch" yields exactly ``samples_per_epoch // (world_size * batch_size)`` batches so that
-distributed ranks stay in step. Corrupt samples are skipped and counted in each batch's ``skipped``
-(or raise :class:`~vlkit.errors.DataError` with ``strict: true``).
+``i % world_size``) and then across data-loader workers; each pass over a worker's shards has its own
+shard order and shuffle-buffer seed derived from ``seed`` and the pass number, and every loader "epoch"
+yields exactly ``samples_per_epoch // (world_size * batch_size)`` batches so that distributed ranks stay
+in step. The stream's position (the next sample of each worker) is saved in checkpoints, so a resumed
+run continues with exactly the samples an uninterrupted one would read. Corrupt samples, and what is lost
+of an unreadable shard, are skipped and counted in each batch's ``skipped`` (or raise
+:class:`~vlkit.errors.DataError` with ``strict: true``).
 
 Other datasets can build on these streams (the ``mix`` dataset does): :meth:`ShardDataset.train_stream`
 gives a rank's stream, whose ``features`` method yields single parsed samples, with an optional
-``rewrite`` of each sample's messages before tokenizing; :func:`collate_batch` and :func:`data_loader`
-make batches and loaders of them.
+``rewrite`` of each sample's messages before tokenizing; :func:`collate_batch` and
+:func:`~vlkit.data.reading.data_loader` make batches and loaders of them.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import glob
-import io
-import json
-import os
-import random
-import re
-import shutil
-import tarfile
-import warnings
-import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from braceexpand import braceexpand
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from vlkit.data.base import Dataset, EpochCounts, ShardSource
 from vlkit.data.conversation import Message, messages_from_llava
 from vlkit.data.feature_cache import CacheReader
 from vlkit.data.processor import VLMProcessor
-from vlkit.errors import DataError, RecipeError
+from vlkit.data.reading import (
+    ERROR_KEY,
+    HOW_TO_BUILD,
+    IMAGE_EXTENSIONS,
+    INDEX_FILE,
+    LOST_KEY,
+    TAR_ERRORS,
+    BadSample,
+    EpochStream,
+    Loader,
+    Position,
+    SampleSource,
+    SkipReporter,
+    answers,
+    check_conversations,
+    count_samples,
+    data_loader,
+    decode_image,
+    error_batch,
+    expand_urls,
+    image_bytes,
+    indexed_counts,
+    iter_tar_samples,
+    read_meta,
+    reader_split,
+    share,
+    split_shards,
+    worker_info,
+)
+from vlkit.data.writing import SplitWriter, prepare_out_dir, sample_key, write_index
+from vlkit.errors import DataError, RecipeError, VlkitError
 from vlkit.registry import DATASETS
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
-"""Member extensions read as the sample's image (the first present, in this order)."""
-INDEX_FILE = "index.json"
-_MAX_SKIP_WARNINGS = 3
-_MTIME = 1_704_067_200  # fixed member time (2024-01-01) so that rebuilding gives identical shards
-_HOW_TO_BUILD = ("build the offline demo with `vlkit data demo --out DIR` or convert LLaVA-format JSON with "
-                 "`vlkit data from-llava JSON IMAGE_DIR --out DIR`, then set urls to e.g. 'DIR/train-*.tar'")
-
-
-# ------------------------------------------------------------------------------------------ shard paths
-
-
-def expand_urls(urls: str) -> list[str]:
-    """Shard paths named by ``urls``: brace patterns (``a-{000000..000003}.tar``) and/or globs
-    (``a-*.tar``); several patterns may be joined with ``::``. Relative paths resolve against the CWD.
-
-    Raises :class:`DataError` when a named shard is missing or a glob matches nothing.
-    """
-    if not isinstance(urls, str) or not urls.strip():
-        raise DataError(f"data urls must name shard files, got {urls!r}; {_HOW_TO_BUILD}")
-    found: list[str] = []
-    missing: list[str] = []
-    for pattern in urls.split("::"):
-        pattern = os.path.expanduser(pattern.strip())
-        if os.path.isdir(pattern):
-            raise DataError(f"data urls {urls!r} names a folder; name its shards instead, e.g. "
-                            f"'{pattern.rstrip('/')}/train-*.tar'")
-        for path in braceexpand(pattern):
-            if glob.has_magic(path):
-                matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
-                if not matches:
-                    missing.append(path)
-                found.extend(matches)
-            elif os.path.isfile(path):
-                found.append(path)
-            else:
-                missing.append(path)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise DataError(f"no shard files for data urls {urls!r} (relative to {os.getcwd()}): missing {shown}. "
-                        f"To get data, {_HOW_TO_BUILD}")
-    # keep the first occurrence of each shard, in order
-    return list(dict.fromkeys(found))
-
-
-def split_shards(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The shards rank ``rank`` of ``world_size`` reads: shard ``i`` goes to rank ``i % world_size``."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    return list(shards[rank::world_size])
-
-
-# ----------------------------------------------------------------------------------------- tar reading
-
-
-def _split_name(name: str) -> tuple[str | None, str]:
-    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``), the webdataset convention."""
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    if not match:
-        return None, ""
-    return match.group(1), match.group(2).lower()
-
-
-def iter_tar_samples(url: str, json_only: bool = False) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` for each sample of a tar shard, in file order.
-
-    ``json_only`` reads only the ``.json`` members (other members are listed with empty bytes), seeking
-    past image data. Tar-level errors propagate (``tarfile.TarError``, ``OSError``, ``EOFError``).
-    """
-    mode = "r:*" if json_only else "r|*"
-    with tarfile.open(url, mode=mode) as tar:
-        key: str | None = None
-        files: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isreg():
-                continue
-            k, ext = _split_name(member.name)
-            if k is None or os.path.basename(k).startswith("__"):
-                continue
-            if json_only and ext != "json":
-                data = b""
-            else:
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-            if k != key:
-                if key is not None:
-                    yield key, files
-                key, files = k, {}
-            files[ext] = data
-        if key is not None:
-            yield key, files
-
-
-class _BadSample(Exception):
-    """A sample that cannot be used; ``str(exc)`` is the reason."""
-
-
-def _read_meta(files: dict[str, bytes]) -> dict[str, Any]:
-    raw = files.get("json")
-    if raw is None:
-        raise _BadSample("no .json member")
-    try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _BadSample(f"malformed JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise _BadSample(f"JSON must be an object, got {type(meta).__name__}")
-    return meta
-
-
-def _check_conversations(meta: dict[str, Any]) -> list[dict]:
-    conv = meta.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise _BadSample("missing or empty 'conversations' list in the JSON")
-    return conv
-
-
-def _image_bytes(files: dict[str, bytes]) -> bytes | None:
-    """The sample's image file (the first of :data:`IMAGE_EXTENSIONS` present), undecoded."""
-    return next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-
-
-def _decode_image(files: dict[str, bytes]) -> Image.Image | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in files:
-            try:
-                image = Image.open(io.BytesIO(files[ext]))
-                image.load()
-                return image.convert("RGB")
-            except (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
-                raise _BadSample(f"cannot decode image {ext!r} ({type(exc).__name__}: {exc})") from None
-    return None
-
-
-def _answers(conversations: list[Any]) -> list[str]:
-    return [t["value"] for t in conversations if isinstance(t, dict) and isinstance(t.get("value"), str)
-            and str(t.get("from", t.get("role"))).lower() in ("gpt", "assistant")]
-
-
-# --------------------------------------------------------------------------------------------- streams
-
+# former private names, still imported by the feature cache and tests
+_BadSample = BadSample
+_decode_image = decode_image
+_image_bytes = image_bytes
 
 Rewrite = Callable[[list[Message]], list[Message]]
 """Applied to a sample's messages before tokenizing (e.g. the ``mix`` dataset's task instruction); must be
 picklable (loader workers) and may raise :class:`~vlkit.errors.DataError` to skip the sample."""
-
-
-def _worker() -> tuple[int, int]:
-    """(id, count) of the data-loader worker running this code; (0, 1) in the main process."""
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 def collate_batch(processor: VLMProcessor, feats: list[dict[str, Any]], skipped: int, prompt: bool
@@ -222,100 +97,40 @@ def collate_batch(processor: VLMProcessor, feats: list[dict[str, Any]], skipped:
     return batch
 
 
-def data_loader(stream: IterableDataset, workers: int) -> DataLoader:
-    """A loader over a stream that yields whole batches, with ``workers`` persistent worker processes."""
-    if workers > 0:
-        # tokenizers' thread pool does not survive fork; avoid its warning (and any deadlock)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
+class _Parser:
+    """Turns one raw webdataset sample into features (runs inside loader workers)."""
 
-
-class EpochStream(IterableDataset):
-    """An infinite stream of batches served in loader epochs of ``batches`` batches, split across the
-    loader's workers. The stream persists across epochs (in the worker process when loader workers are
-    used), so an epoch continues where the previous one stopped. Subclasses implement :meth:`_batches`."""
-
-    batches: int
-    _gen: Iterator[dict[str, Any]] | None = None
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, workers = _worker()
-        if self._gen is None:
-            self._gen = self._batches(worker, workers)
-        count = self.batches // workers + (1 if worker < self.batches % workers else 0)
-        for _ in range(count):
-            yield next(self._gen)
-
-    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        """The endless batches of loader worker ``worker`` of ``workers``."""
-        raise NotImplementedError
-
-
-class _Stream(IterableDataset):
-    """Shared sample parsing for the train and validation streams (runs inside loader workers)."""
-
-    def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
-                 cache: CacheReader | None = None, rewrite: Rewrite | None = None) -> None:
-        super().__init__()
-        self.shards = shards
+    def __init__(self, processor: VLMProcessor, args: ShardDataset.Args, cache: CacheReader | None = None,
+                 rewrite: Rewrite | None = None) -> None:
         self.processor = processor
         self.args = args
         self.cache = cache
         self.rewrite = rewrite
         self.tasks = set(args.tasks) if args.tasks is not None else None
-        self._warned = 0
+        self.report = SkipReporter(args.strict)
 
-    def _worker(self) -> tuple[int, int]:
-        return _worker()
-
-    def _skip(self, url: str, key: str, reason: str) -> None:
-        """Raise under strict, else warn about the first few skipped samples."""
-        message = f"{url}: sample {key}: {reason}"
-        if self.args.strict:
-            raise DataError(f"{message}. Fix or remove the sample, or set strict: false to skip corrupt samples")
-        if self._warned < _MAX_SKIP_WARNINGS:
-            self._warned += 1
-            more = " (further skips are only counted)" if self._warned == _MAX_SKIP_WARNINGS else ""
-            warnings.warn(f"skipping {message}{more}", RuntimeWarning, stacklevel=2)
-
-    def _raw(self, url: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """``(url, key, files)`` of each sample of one shard; an unreadable shard ends early (or raises)."""
-        try:
-            for key, files in iter_tar_samples(url):
-                yield url, key, files
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            reason = f"unreadable tar shard ({type(exc).__name__}: {exc})"
-            if self.args.strict:
-                raise DataError(f"{url}: {reason}. Fix or remove the shard, or set strict: false to skip "
-                                "corrupt samples") from exc
-            yield url, "<tar>", {"__error__": reason.encode()}
-
-    def _parse(self, url: str, key: str, files: dict[str, bytes], prompt: bool
-               ) -> dict[str, Any] | None:
-        """Features of one sample, ``None`` if the task filter drops it; raises :class:`_BadSample`."""
-        if "__error__" in files:
-            raise _BadSample(files["__error__"].decode())
-        meta = _read_meta(files)
+    def __call__(self, sample: dict[str, Any], prompt: bool) -> dict[str, Any] | None:
+        """Features of one sample, ``None`` if the task filter drops it; raises :class:`BadSample`."""
+        url, key = sample["__url__"], sample["__key__"]
+        if ERROR_KEY in sample:
+            raise BadSample(sample[ERROR_KEY])
+        meta = read_meta(sample)
         if self.tasks is not None and meta.get("task") not in self.tasks:
             return None
-        conv = _check_conversations(meta)
+        conv = check_conversations(meta)
         try:
             messages: list[Message] = messages_from_llava(conv)
             if self.rewrite is not None:
                 messages = self.rewrite(messages)
             if self.cache is not None:
-                image = self.cache.lookup(url, key, _image_bytes(files))
+                image = self.cache.lookup(url, key, image_bytes(sample))
                 if isinstance(image, str):
-                    raise _BadSample(image)
+                    raise BadSample(image)
             else:
-                image = _decode_image(files)
+                image = decode_image(sample)
             if prompt:
                 if messages[-1].role != "assistant":
-                    raise _BadSample("the conversation does not end with an assistant answer to evaluate")
+                    raise BadSample("the conversation does not end with an assistant answer to evaluate")
                 feats = self.processor.prompt_features(messages, image)
                 train = self.processor.train_features(messages, image)
                 train["pixel_values"] = None  # the batch's stacked images are shared with the loss batch
@@ -325,99 +140,82 @@ class _Stream(IterableDataset):
         except RecipeError:
             raise  # a configuration problem (e.g. the chat template), not a bad sample
         except DataError as exc:
-            raise _BadSample(str(exc)) from None
+            raise BadSample(str(exc)) from None
         qtype = meta.get("type")
         feats.update({"__key__": key, "__url__": url, "type": qtype if isinstance(qtype, str) else None})
         return feats
 
-    def _collate(self, feats: list[dict[str, Any]], skipped: int, prompt: bool) -> dict[str, Any]:
-        return collate_batch(self.processor, feats, skipped, prompt)
+    def skip(self, sample: dict[str, Any], reason: str) -> int:
+        """Report a skipped sample (raises under strict); the number of samples it stands for."""
+        self.report(sample["__url__"], sample["__key__"], reason)
+        return int(sample.get(LOST_KEY, 1))
 
 
-class _TrainStream(_Stream, EpochStream):
+class _TrainStream(EpochStream):
     """Infinite, reshuffled stream of right-padded training batches; each epoch is ``batches`` long.
 
     :meth:`features` is the same stream one parsed sample at a time (what a ``mix`` dataset interleaves).
     """
 
-    def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args, seed: int,
-                 rank: int, batches: int, samples_per_worker: int, cache: CacheReader | None = None,
-                 rewrite: Rewrite | None = None) -> None:
-        super().__init__(shards, processor, args, cache, rewrite)
+    def __init__(self, shards: list[str], parser: _Parser, args: ShardDataset.Args, seed: int, rank: int,
+                 batches: int, workers: int, samples_per_worker: int, expected: dict[str, int]) -> None:
+        super().__init__(batches, workers)
+        self.shards = shards
+        self.parser = parser
+        self.args = args
         self.seed = seed
         self.rank = rank
-        self.batches = batches
-        self.samples_per_worker = samples_per_worker
+        self.expected = expected
         self.bufsize = max(1, min(args.shuffle_buffer, samples_per_worker)) if args.shuffle_buffer > 0 else 0
-        self._gen: Iterator[dict[str, Any]] | None = None
-        self._pass_size: int | None = None  # raw samples in one pass over the worker's shards, once known
 
-    def _samples(self, worker: int, workers: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        shards = self.shards[worker::workers]
-        shuffle = self.bufsize > 0
-        buf_rng = random.Random(f"vlkit-buffer:{self.seed}:{self.rank}:{worker}")
-        buffer: list[tuple[str, str, dict[str, bytes]]] = []
-        epoch = 0
-        while True:
-            order = list(shards)
-            if shuffle:
-                random.Random(f"vlkit-shards:{self.seed}:{self.rank}:{worker}:{epoch}").shuffle(order)
-            read = 0
-            for url in order:
-                for sample in self._raw(url):
-                    read += 1
-                    if not shuffle:
-                        yield sample
-                        continue
-                    buffer.append(sample)
-                    if len(buffer) >= self.bufsize:
-                        i = buf_rng.randrange(len(buffer))
-                        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                        yield buffer.pop()
-            if read == 0:
-                raise DataError(f"the shards {', '.join(shards)} hold no samples; {_HOW_TO_BUILD}")
-            self._pass_size = read
-            epoch += 1
+    def source(self, worker: int, workers: int) -> SampleSource:
+        """The raw samples of logical worker ``worker`` of ``workers``: its share of the rank's shards."""
+        return SampleSource(self.shards[worker::workers], f"{self.seed}:{self.rank}:{worker}", self.bufsize,
+                            self.args.strict, self.expected)
 
-    def features(self, worker: int, workers: int) -> Iterator[tuple[dict[str, Any], int]]:
-        """The endless training samples of loader worker ``worker`` of ``workers``, parsed and tokenized:
-        ``(features, samples skipped since the previous one)``. Collate with :func:`collate_batch`."""
-        skipped = 0
-        since_valid = 0
+    def features(self, worker: int, workers: int, state: Any = None
+                 ) -> Iterator[tuple[dict[str, Any], int, list[int]]]:
+        """The endless training samples of logical worker ``worker`` of ``workers`` from position ``state``,
+        parsed and tokenized: ``(features, samples skipped since the previous one, position after it)``."""
+        source = self.source(worker, workers)
+        skipped = since_valid = 0
+        pass_size: int | None = None
+        current, last_taken = None, 0
         last_reason = "filtered out by tasks"
-        for url, key, files in self._samples(worker, workers):
+        for sample, pos in source.samples(Position.from_state(state)):
+            if current is not None and pos.pass_ != current:
+                pass_size = last_taken
+            current, last_taken = pos.pass_, pos.taken
             try:
-                f = self._parse(url, key, files, prompt=False)
-            except _BadSample as exc:
-                self._skip(url, key, str(exc))
-                skipped += 1
-                since_valid += 1
-                last_reason = f"{url}: sample {key}: {exc}"
+                f = self.parser(sample, prompt=False)
+            except BadSample as exc:
+                skipped += self.parser.skip(sample, str(exc))
+                last_reason = f"{sample['__url__']}: sample {sample['__key__']}: {exc}"
                 f = None
             if f is None:
                 since_valid += 1
                 # two whole passes over the worker's shards without one usable sample: nothing is usable
-                if self._pass_size is not None and since_valid > 2 * self._pass_size + self.bufsize:
-                    what = f" with task in {sorted(self.tasks)}" if self.tasks is not None else ""
+                if pass_size is not None and since_valid > 2 * pass_size:
+                    what = f" with task in {sorted(self.parser.tasks)}" if self.parser.tasks is not None else ""
                     raise DataError(f"no usable training sample{what} in {since_valid} consecutive samples of "
-                                    f"{', '.join(self.shards)} (last problem: {last_reason})")
+                                    f"{', '.join(source.shards)} (last problem: {last_reason})")
                 continue
             since_valid = 0
-            yield f, skipped
+            yield f, skipped, pos.to_state()
             skipped = 0
 
-    def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+    def _batches(self, worker: int, workers: int, state: Any) -> Iterator[tuple[dict[str, Any], Any]]:
         feats: list[dict[str, Any]] = []
         skipped = 0
-        for f, skips in self.features(worker, workers):
+        for f, skips, pos in self.features(worker, workers, state):
             feats.append(f)
             skipped += skips
             if len(feats) == self.args.batch_size:
-                yield self._collate(feats, skipped, prompt=False)
+                yield collate_batch(self.parser.processor, feats, skipped, prompt=False), pos
                 feats, skipped = [], 0
 
 
-class _ValStream(_Stream):
+class _ValStream(IterableDataset):
     """One pass, in order, over this reader's part of the validation set: left-padded prompt batches.
 
     The readers are every loader worker of every rank. With at least as many shards as readers, each reads
@@ -426,49 +224,58 @@ class _ValStream(_Stream):
     of all readers together.
     """
 
-    def __init__(self, shards: list[str], processor: VLMProcessor, args: ShardDataset.Args,
-                 max_samples: int | None, rank: int = 0, world_size: int = 1, rewrite: Rewrite | None = None
-                 ) -> None:
-        super().__init__(shards, processor, args, rewrite=rewrite)
+    def __init__(self, shards: list[str], parser: _Parser, args: ShardDataset.Args, max_samples: int | None,
+                 rank: int, world_size: int, expected: dict[str, int]) -> None:
+        super().__init__()
+        self.shards = shards
+        self.parser = parser
+        self.args = args
         self.max_samples = max_samples
         self.rank, self.world_size = rank, world_size
+        self.expected = expected
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, workers = self._worker()
+        try:
+            yield from self._batches()
+        except VlkitError as exc:
+            if get_worker_info() is None:
+                raise
+            yield error_batch(exc)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        worker, workers = worker_info()
         reader, readers = self.rank * workers + worker, self.world_size * workers
-        cap = None
-        if self.max_samples is not None:
-            cap = self.max_samples // readers + (1 if reader < self.max_samples % readers else 0)
-        by_shard = len(self.shards) >= readers
-        shards = self.shards[reader::readers] if by_shard else self.shards
-        taken = 0
+        cap = None if self.max_samples is None else share(self.max_samples, readers, reader)
+        shards, stride, offset = reader_split(self.shards, reader, readers)
+        source = SampleSource(shards, "val", 0, self.args.strict, self.expected, stride, offset)
+        taken = skipped = 0
         feats: list[dict[str, Any]] = []
-        skipped = 0
-        index = -1
-        for url in shards:
-            for _, key, files in self._raw(url):
-                if cap is not None and taken >= cap:
-                    break
-                index += 1
-                if not by_shard and index % readers != reader:
-                    continue
-                try:
-                    f = self._parse(url, key, files, prompt=True)
-                except _BadSample as exc:
-                    self._skip(url, key, str(exc))
-                    skipped += 1
-                    continue
-                if f is None:
-                    continue
-                taken += 1
-                feats.append(f)
-                if len(feats) == self.args.batch_size:
-                    yield self._collate(feats, skipped, prompt=True)
-                    feats, skipped = [], 0
+        done: dict[str, Any] | None = None  # held back, so that skips after the last batch are counted in it
+        for sample in source.one_pass(0):
             if cap is not None and taken >= cap:
                 break
+            try:
+                f = self.parser(sample, prompt=True)
+            except BadSample as exc:
+                skipped += self.parser.skip(sample, str(exc))
+                continue
+            if f is None:
+                continue
+            taken += 1
+            feats.append(f)
+            if len(feats) == self.args.batch_size:
+                if done is not None:
+                    yield done
+                done = collate_batch(self.parser.processor, feats, skipped, prompt=True)
+                feats, skipped = [], 0
         if feats:
-            yield self._collate(feats, skipped, prompt=True)
+            if done is not None:
+                yield done
+            done = collate_batch(self.parser.processor, feats, skipped, prompt=True)
+        elif done is not None:
+            done["skipped"] += skipped
+        if done is not None:
+            yield done
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -489,30 +296,8 @@ def loader_arg_problems(args: Any) -> list[str]:
     return problems
 
 
-class EpochCounts:
-    """Epoch arithmetic and per-dataset tokenizing options shared by the training datasets: needs ``args``
-    (with ``samples_per_epoch``, ``batch_size``, ``max_length``, ``train_on``) and ``num_samples()``."""
-
-    args: Any
-
-    def num_samples(self) -> int:  # pragma: no cover - implemented by each dataset
-        raise NotImplementedError
-
-    def samples_per_epoch(self) -> int:
-        """``samples_per_epoch`` if set, else :meth:`num_samples`."""
-        return self.args.samples_per_epoch or self.num_samples()
-
-    def batches_per_epoch(self, world_size: int = 1) -> int:
-        """Batches each rank yields per loader epoch: ``samples_per_epoch // (world_size * batch_size)``."""
-        return max(1, self.samples_per_epoch() // (world_size * self.args.batch_size))
-
-    def _processor(self, processor: VLMProcessor) -> VLMProcessor:
-        """``processor`` with this dataset's ``max_length`` and ``train_on``."""
-        return dataclasses.replace(processor, max_length=self.args.max_length, train_on=self.args.train_on)
-
-
 @DATASETS.register("shards")
-class ShardDataset(EpochCounts):
+class ShardDataset(Dataset):
     """Webdataset tar shards of LLaVA-style conversations (``vlkit data demo`` / ``from-llava`` output)."""
 
     @dataclass
@@ -528,11 +313,14 @@ class ShardDataset(EpochCounts):
         tasks: list[str] | None = None
         """Keep only samples whose JSON ``task`` is one of these (e.g. ``[caption]``)."""
         strict: bool = False
-        """True: a corrupt sample raises an error naming shard and key; False: skip it and count it."""
+        """True: a corrupt sample or shard raises an error naming shard and key; False: skip it and count it."""
         max_length: int = 512
-        """Longest sample in tokens (visual tokens included); longer samples are skipped."""
+        """Longest sample in tokens (visual tokens included); longer samples follow ``overflow``."""
         train_on: Literal["assistant", "last", "all"] = "assistant"
         """Which tokens train: every assistant turn, the last assistant turn, or every text token."""
+        overflow: Literal["skip", "truncate"] = "skip"
+        """Samples over ``max_length``: ``skip`` (counted), or ``truncate`` the text after the last image
+        block (keeping at least one trained token; an image block is never cut)."""
         samples_per_epoch: int | None = None
         """Samples per loader epoch (default: the shards' sample count, from index.json or by counting)."""
 
@@ -549,6 +337,7 @@ class ShardDataset(EpochCounts):
         self.args = args
         self.shards = expand_urls(args.urls)
         self._num_samples: int | None = None
+        self._expected: dict[str, int] | None = None
         self.feature_cache: CacheReader | None = None
         """When set, training batches carry the images' cached encoder streams instead of pixels."""
 
@@ -562,17 +351,23 @@ class ShardDataset(EpochCounts):
     def __repr__(self) -> str:
         return f"ShardDataset({self.args.urls!r}, {len(self.shards)} shards)"
 
+    def shard_sources(self) -> list[ShardSource]:
+        return [ShardSource(list(self.shards), tasks=self.args.tasks)]
+
     # ------------------------------------------------------------------------------------------- counts
 
     def num_samples(self) -> int:
         """Samples in the shards (after the ``tasks`` filter): from ``index.json`` when it has the counts,
         otherwise by reading the shards' JSON members (cached)."""
         if self._num_samples is None:
-            counted = _count_from_index(self.shards, self.args.tasks)
-            if counted is None:
-                counted = sum(_count_shard(url, self.args.tasks) for url in self.shards)
-            self._num_samples = counted
+            self._num_samples = count_samples(self.shards, self.args.tasks)
         return self._num_samples
+
+    def expected_samples(self) -> dict[str, int]:
+        """Raw sample count of each shard that ``index.json`` lists (to recognise truncated shards)."""
+        if self._expected is None:
+            self._expected = indexed_counts(self.shards)
+        return self._expected
 
     # ------------------------------------------------------------------------------------------ loaders
 
@@ -591,14 +386,15 @@ class ShardDataset(EpochCounts):
         method. ``rewrite`` transforms each sample's messages before tokenizing."""
         shards = self.rank_shards(rank, world_size)
         per_worker = self.samples_per_epoch() // (world_size * max(1, workers))
-        return _TrainStream(shards, self._processor(processor), self.args, seed, rank,
-                            self.batches_per_epoch(world_size), per_worker, self.feature_cache, rewrite)
+        parser = _Parser(self._processor(processor), self.args, self.feature_cache, rewrite)
+        return _TrainStream(shards, parser, self.args, seed, rank, self.batches_per_epoch(world_size), workers,
+                            per_worker, self.expected_samples())
 
     def val_stream(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
                    max_samples: int | None = None, rewrite: Rewrite | None = None) -> _ValStream:
         """The validation stream :meth:`val_loader` reads (``rewrite`` as in :meth:`train_stream`)."""
-        return _ValStream(self.shards, self._processor(processor), self.args, max_samples, rank, world_size,
-                          rewrite)
+        parser = _Parser(self._processor(processor), self.args, rewrite=rewrite)
+        return _ValStream(self.shards, parser, self.args, max_samples, rank, world_size, self.expected_samples())
 
     def val_workers(self, rank: int, world_size: int, max_samples: int | None) -> int:
         """Loader workers for validation: ``num_workers``, capped by the rank's shards and ``max_samples``."""
@@ -609,19 +405,20 @@ class ShardDataset(EpochCounts):
             workers = min(workers, max(1, max_samples // world_size))
         return workers
 
-    def train_loader(self, processor: VLMProcessor, seed: int = 0, rank: int = 0,
-                     world_size: int = 1) -> DataLoader:
+    def train_loader(self, processor: VLMProcessor, *, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> Loader:
         """Infinite training stream of right-padded batches for rank ``rank`` of ``world_size``.
 
         Each iteration over the loader (an epoch) yields exactly :meth:`batches_per_epoch` batches and the
         next continues the stream. A batch is the processor's collate output plus lists ``__key__``,
-        ``__url__``, ``type`` and the int ``skipped`` (samples the worker skipped since its last batch).
+        ``__url__``, ``type``, the int ``skipped`` (samples the worker skipped since its last batch) and
+        the stream position after it.
         """
         workers = min(self.args.num_workers, len(self.rank_shards(rank, world_size)))
         return data_loader(self.train_stream(processor, seed, rank, world_size, workers), workers)
 
-    def val_loader(self, processor: VLMProcessor, rank: int = 0, world_size: int = 1,
-                   max_samples: int | None = None) -> DataLoader:
+    def val_loader(self, processor: VLMProcessor, *, rank: int = 0, world_size: int = 1,
+                   max_samples: int | None = None) -> Loader:
         """One in-order pass of left-padded prompt batches over rank ``rank``'s part of the validation set.
 
         A batch is the prompt collate output plus lists ``answer``, ``type``, ``__key__``, ``__url__``,
@@ -647,204 +444,28 @@ class ShardDataset(EpochCounts):
                     if limit is not None and seen >= limit:
                         return
                     try:
-                        meta = _read_meta(files)
-                    except _BadSample:
+                        meta = read_meta(files)
+                    except BadSample:
                         continue
                     if self.args.tasks is not None and meta.get("task") not in self.args.tasks:
                         continue
                     conv = meta.get("conversations")
-                    answers = _answers(conv) if isinstance(conv, list) else []
-                    if not answers:
+                    found = answers(conv) if isinstance(conv, list) else []
+                    if not found:
                         continue
                     seen += 1
                     types = meta.get("types")
-                    if isinstance(types, list) and len(types) == len(answers):
-                        for qtype, answer in zip(types, answers):
+                    if isinstance(types, list) and len(types) == len(found):
+                        for qtype, answer in zip(types, found):
                             yield (qtype if isinstance(qtype, str) else None), answer
                     else:
                         qtype = meta.get("type")
-                        yield (qtype if isinstance(qtype, str) else None), answers[-1]
-            except (tarfile.TarError, OSError, EOFError) as exc:
+                        yield (qtype if isinstance(qtype, str) else None), found[-1]
+            except TAR_ERRORS as exc:
                 if self.args.strict:
                     raise DataError(f"{url}: unreadable tar shard ({exc})") from exc
 
 
-def _load_index(folder: Path) -> dict[str, Any] | None:
-    path = folder / INDEX_FILE
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return index if isinstance(index, dict) and isinstance(index.get("splits"), dict) else None
-
-
-def _count_from_index(shards: Sequence[str], tasks: Sequence[str] | None) -> int | None:
-    """Sum of the shards' sample counts as recorded in the ``index.json`` next to them, or None."""
-    total = 0
-    by_folder: dict[Path, list[str]] = {}
-    for url in shards:
-        p = Path(url).resolve()
-        by_folder.setdefault(p.parent, []).append(p.name)
-    for folder, names in by_folder.items():
-        index = _load_index(folder)
-        if index is None:
-            return None
-        counts: dict[str, int] = {}
-        for split in index["splits"].values():
-            if not isinstance(split, dict):
-                continue
-            listed = [str(s) for s in split.get("shards", [])]
-            per_shard = split.get("shard_samples")
-            per_task = split.get("shard_tasks")
-            for i, name in enumerate(listed):
-                if tasks is not None:
-                    if isinstance(per_task, list) and i < len(per_task) and isinstance(per_task[i], dict):
-                        counts[name] = sum(int(per_task[i].get(t, 0)) for t in tasks)
-                elif isinstance(per_shard, list) and i < len(per_shard):
-                    counts[name] = int(per_shard[i])
-            if (tasks is None and not isinstance(per_shard, list) and sorted(listed) == sorted(names)
-                    and "samples" in split):
-                # only the split's total is known: it fits when the urls name exactly the split's shards
-                counts.update({n: 0 for n in names})
-                counts[names[0]] = int(split["samples"])
-        if any(n not in counts for n in names):
-            return None
-        total += sum(counts[n] for n in names)
-    return total
-
-
-def _count_shard(url: str, tasks: Sequence[str] | None) -> int:
-    """Samples with a JSON member in one shard (with ``task`` in ``tasks`` when given)."""
-    n = 0
-    try:
-        for _, files in iter_tar_samples(url, json_only=True):
-            if "json" not in files:
-                continue
-            if tasks is not None:
-                try:
-                    if _read_meta(files).get("task") not in tasks:
-                        continue
-                except _BadSample:
-                    continue
-            n += 1
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{url}: unreadable tar shard ({exc}); fix or remove it") from exc
-    return n
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out`` for a new dataset. A non-empty folder is refused unless ``overwrite``; then its
-    ``index.json`` is removed first (so a crash never leaves an old index over new shards), followed by
-    the shards and ``tokenizer/`` of the previous dataset. Other files are left alone."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"{out} is not empty; pass --overwrite (overwrite=True) to replace the dataset "
-                            "there, or choose another output folder")
-        (out / INDEX_FILE).unlink(missing_ok=True)
-        for pattern in ("*.tar", "*.tar.tmp", ".tokenizer.tmp"):
-            for p in out.glob(pattern):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if (out / "tokenizer").is_dir():
-            shutil.rmtree(out / "tokenizer")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def sample_key(text: str, used: set[str]) -> str:
-    """A webdataset-safe, unique sample key from ``text`` (no dots or slashes)."""
-    key = re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or "sample"
-    if key.startswith("__"):
-        key = key.lstrip("_") or "sample"
-    base, i = key, 1
-    while key in used:
-        key = f"{base}_{i}"
-        i += 1
-    used.add(key)
-    return key
-
-
-class SplitWriter:
-    """Writes one split as ``{split}-000000.tar``, ... with ``shard_size`` samples each.
-
-    Shards are written under a ``.tmp`` name and renamed when complete; :meth:`close` returns the split's
-    ``index.json`` entry (shards, samples, per-shard sample and task counts, per-type counts).
-    """
-
-    def __init__(self, out: Path, split: str, shard_size: int) -> None:
-        if shard_size < 1:
-            raise DataError(f"shard_size must be at least 1, got {shard_size}")
-        self.out = Path(out)
-        self.split = split
-        self.shard_size = shard_size
-        self.shards: list[str] = []
-        self.shard_samples: list[int] = []
-        self.shard_tasks: list[dict[str, int]] = []
-        self.types: Counter[str] = Counter()
-        self._writer: Any = None
-        self._tmp: Path | None = None
-
-    def _open(self) -> None:
-        import webdataset as wds
-
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._tmp = self.out / f"{name}.tmp"
-        # an int mtime: a float one makes tarfile add a 1 KiB PAX header to every member
-        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=_MTIME)
-        self.shards.append(name)
-        self.shard_samples.append(0)
-        self.shard_tasks.append({})
-
-    def _finish(self) -> None:
-        if self._writer is not None and self._tmp is not None:
-            self._writer.close()
-            self._tmp.replace(self.out / self.shards[-1])
-            self._writer = None
-
-    def write(self, key: str, meta: dict[str, Any], image: bytes | None = None, ext: str = "png") -> None:
-        """Add one sample: its JSON ``meta`` and, optionally, encoded image bytes with extension ``ext``."""
-        if self._writer is None or self.shard_samples[-1] >= self.shard_size:
-            self._finish()
-            self._open()
-        sample: dict[str, Any] = {"__key__": key,
-                                  "json": json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()}
-        if image is not None:
-            sample[ext] = image
-        self._writer.write(sample)
-        self.shard_samples[-1] += 1
-        task = meta.get("task")
-        if isinstance(task, str):
-            self.shard_tasks[-1][task] = self.shard_tasks[-1].get(task, 0) + 1
-        types = meta.get("types") if isinstance(meta.get("types"), list) else [meta.get("type")]
-        self.types.update(t for t in types if isinstance(t, str))
-
-    def abort(self) -> None:
-        """Stop after an error: close and delete the shard being written (finished shards stay)."""
-        if self._writer is not None and self._tmp is not None:
-            self._writer.close()
-            self._tmp.unlink(missing_ok=True)
-            self._writer = None
-
-    def close(self) -> dict[str, Any]:
-        """Finish the last shard and return this split's index entry."""
-        self._finish()
-        return {"shards": list(self.shards), "samples": sum(self.shard_samples),
-                "shard_samples": list(self.shard_samples), "shard_tasks": [dict(t) for t in self.shard_tasks],
-                "types": dict(sorted(self.types.items()))}
-
-
-def write_index(out: Path, index: dict[str, Any]) -> None:
-    """Write ``index.json`` atomically (it marks the dataset complete, so write it last)."""
-    tmp = Path(out) / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(Path(out) / INDEX_FILE)
-
-
-__all__ = ["IMAGE_EXTENSIONS", "EpochStream", "Rewrite", "ShardDataset", "SplitWriter", "collate_batch",
-           "data_loader", "expand_urls", "iter_tar_samples", "prepare_out_dir", "sample_key", "split_shards",
-           "write_index"]
+__all__ = ["HOW_TO_BUILD", "IMAGE_EXTENSIONS", "INDEX_FILE", "EpochCounts", "EpochStream", "Rewrite",
+           "ShardDataset", "SplitWriter", "collate_batch", "data_loader", "expand_urls", "iter_tar_samples",
+           "loader_arg_problems", "prepare_out_dir", "sample_key", "split_shards", "write_index"]

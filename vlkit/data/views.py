@@ -1,26 +1,33 @@
-"""Multi-scale views of an image (SPHINX-1k style): pad to square, resize, global view + n x n sub-images.
+"""Images to model pixels: the resize policy (pad / resize / crop to square) and SPHINX-1k multi-scale views.
+
+Every image the data pipeline delivers is a square ``(3, S, S)`` tensor in [0, 1]. How a non-square image
+becomes square is the model's ``resize_policy`` (:func:`square_image`): ``pad`` to a centred square with a
+fill colour (the encoders' mean colour: LLaVA-1.5's ``expand2square``), ``resize`` (stretch the whole
+image) or ``crop`` (the centre square, as CLIP's own processor does); then a bicubic resize to ``S``.
 
 A high-resolution image of side ``grid * size`` becomes ``1 + grid**2`` views of side ``size``, in a fixed
 order: the whole image downsampled (the *global* view), then the sub-images row by row (for ``grid: 2``:
 global, top-left, top-right, bottom-left, bottom-right)::
 
-    image (any shape) --pad_to_square--> square --resize--> (3, grid*size, grid*size) in [0, 1]
+    image (any shape) --square_image--> square --resize--> (3, grid*size, grid*size) in [0, 1]
                       --split_views--> (1 + grid**2, 3, size, size)
 
 In a recipe, ``model.views: {grid: 2, size: 224}`` turns this on for any encoders and fusion: the data
-pipeline delivers padded ``grid * size`` images (:func:`image_to_square_tensor`), and
+pipeline delivers ``grid * size`` images (:func:`image_to_square_tensor`), and
 :meth:`vlkit.model.VLM.encode_images` splits them (:func:`split_views`), encodes every view as one batch
 and concatenates the views' visual tokens per image, global view first.
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlkit.encoders.base import CLIP_MEAN
+from vlkit.constants import CLIP_MEAN
 
 PAD_COLORS: dict[str, tuple[int, int, int]] = {
     "mean": tuple(int(255 * m) for m in CLIP_MEAN),  # type: ignore[dict-item]
@@ -29,6 +36,10 @@ PAD_COLORS: dict[str, tuple[int, int, int]] = {
 }
 """Fill colours for :func:`pad_to_square`. ``mean`` is the CLIP mean colour (what LLaVA and SPHINX pad
 with; it normalises to about zero)."""
+
+ResizePolicy = Literal["pad", "resize", "crop"]
+"""How a non-square image becomes square: pad (centred, with a fill colour), resize (stretch), crop (centre)."""
+RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 
 
 def pad_color(pad: str) -> tuple[int, int, int]:
@@ -54,10 +65,55 @@ def pad_to_square(image: Image.Image, pad: str | tuple[int, int, int] = "mean") 
     return square
 
 
-def image_to_square_tensor(image: Image.Image, size: int, pad: str | None = "mean") -> torch.Tensor:
-    """RGB ``(3, size, size)`` float tensor in [0, 1]: padded to square (unless ``pad`` is None, which
-    stretches the image instead), then resized with bicubic resampling."""
-    image = pad_to_square(image, pad) if pad is not None else image.convert("RGB")
+def mean_color(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The RGB fill of an encoder's per-channel ``mean`` of [0, 1] pixels, as LLaVA's ``expand2square``
+    computes it (``int(255 * m)``); the padding then normalises to about zero."""
+    return tuple(int(255 * m) for m in mean)  # type: ignore[return-value]
+
+
+def resize_settings(policy: ResizePolicy | None, views_pad: str | None,
+                    encoder_mean: tuple[float, float, float] | None) -> tuple[ResizePolicy, tuple[int, int, int]]:
+    """The policy and pad fill a model's data pipeline uses. ``policy`` None is the default: ``pad`` with
+    views (unless ``views_pad`` is ``none``), else ``resize``. The fill is the views' ``pad`` colour when
+    it names one, else the first encoder's mean colour (:func:`mean_color`), else the CLIP mean colour."""
+    if policy is None:
+        policy = "pad" if views_pad is not None and views_pad != "none" else "resize"
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
+    if views_pad is not None and views_pad in PAD_COLORS:
+        fill = PAD_COLORS[views_pad]
+    else:
+        fill = mean_color(encoder_mean) if encoder_mean is not None else PAD_COLORS["mean"]
+    return policy, fill
+
+
+def center_crop_square(image: Image.Image) -> Image.Image:
+    """The centred square of side ``min(width, height)`` of ``image`` (converted to RGB)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image if width == height else image.crop((left, top, left + side, top + side))
+
+
+def square_image(image: Image.Image, policy: ResizePolicy = "pad",
+                 fill: str | tuple[int, int, int] = "mean") -> Image.Image:
+    """``image`` made square by ``policy``: ``pad`` (:func:`pad_to_square` with ``fill``), ``crop``
+    (:func:`center_crop_square`) or ``resize`` (unchanged here: the final resize stretches it)."""
+    if policy == "pad":
+        return pad_to_square(image, fill)
+    if policy == "crop":
+        return center_crop_square(image)
+    if policy == "resize":
+        return image.convert("RGB")
+    raise ValueError(f"unknown resize policy {policy!r}; use one of {', '.join(RESIZE_POLICIES)}")
+
+
+def image_to_square_tensor(image: Image.Image, size: int, policy: ResizePolicy = "pad",
+                           fill: str | tuple[int, int, int] = "mean") -> torch.Tensor:
+    """RGB ``(3, size, size)`` float tensor in [0, 1]: made square by ``policy`` (:func:`square_image`),
+    then resized with bicubic resampling."""
+    image = square_image(image, policy, fill)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
@@ -92,9 +148,10 @@ def split_views(pixels: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     return views.reshape(batch * num_views(grid), 3, size, size).contiguous()
 
 
-def image_views(image: Image.Image, grid: int, size: int, pad: str | None = "mean") -> torch.Tensor:
-    """All views of one image: ``(1 + grid**2, 3, size, size)`` in [0, 1] (pad, resize, split)."""
-    return split_views(image_to_square_tensor(image, grid * size, pad).unsqueeze(0), grid, size)
+def image_views(image: Image.Image, grid: int, size: int, policy: ResizePolicy = "pad",
+                fill: str | tuple[int, int, int] = "mean") -> torch.Tensor:
+    """All views of one image: ``(1 + grid**2, 3, size, size)`` in [0, 1] (square, resize, split)."""
+    return split_views(image_to_square_tensor(image, grid * size, policy, fill).unsqueeze(0), grid, size)
 
 
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:

@@ -16,8 +16,9 @@ the LLM still gets the reduced count. Recipe::
       fusion: null          # the module feeds the LLM directly
       llm: {name: hf_causal, checkpoint: internlm/internlm2-chat-1_8b, trust_remote_code: true}
 
-:class:`HolisticEncoder` is the interface the VLM looks for (``isinstance``): any encoder that subclasses
-it receives the token ids as well as the pixels, and its output is the LLM's whole ``inputs_embeds``.
+:class:`HolisticEncoder` is the interface: it declares ``embeds_sequence = True``, which makes the model use the
+``holistic`` embedding strategy (:mod:`vlkit.strategies.holistic`): the encoder receives the token ids as well
+as the pixels, and its output is the LLM's whole ``inputs_embeds``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlkit.data.conversation import IMAGE_TOKEN_ID
+from vlkit.constants import IMAGE_TOKEN_ID
 from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder
 from vlkit.errors import RecipeError
 from vlkit.registry import ENCODERS
@@ -42,13 +43,13 @@ from vlkit.registry import ENCODERS
 class HolisticEncoder(VisionEncoder):
     """An encoder that embeds the whole interleaved sequence (image patches and text) for the LLM.
 
-    The VLM detects this interface with ``isinstance`` and then bypasses the fusion and the LLM's own
-    embedding table: :meth:`embed_sequence` gives the LLM's ``inputs_embeds`` for every position.
+    Its declared ``embeds_sequence`` selects the ``holistic`` strategy, which bypasses the fusion and the LLM's
+    own embedding table: :meth:`embed_sequence` gives the LLM's ``inputs_embeds`` for every position.
     ``num_tokens`` is the number of ``<image>`` positions per image in the LLM's sequence.
     """
 
-    embeds_text: ClassVar[bool] = True
-    """Declares that this encoder reads token ids too (its output covers text positions)."""
+    embeds_sequence: ClassVar[bool] = True
+    """Declares that this encoder reads token ids too and embeds the whole sequence (text positions included)."""
     width: int
     """Output channels: must equal the LLM's hidden size."""
 

@@ -36,6 +36,9 @@ from vlkit.module import VLMModule
 from vlkit.registry import DATASETS
 from vlkit.training.checkpoint import WEIGHTS, SafetensorsCheckpointIO, read_weights
 from vlkit.training.distill import build_distiller
+from vlkit.training.frozen import FrozenPartsEval
+from vlkit.training.lora import sync_lora
+from vlkit.training.progress import progress_callbacks
 from vlkit.training.stages import apply_trainable
 
 MODEL_PREFIX = "model."
@@ -107,7 +110,9 @@ def _claim_run_dir(run_dir: Path, recipe: Recipe) -> None:
     text = recipe.to_yaml()
     if saved.exists():
         old = saved.read_text()
-        if old != text:
+        if old != text and not any(run_dir.glob("stage*/last/state.pt")):  # no checkpoint yet: reusable
+            saved.unlink()
+        elif old != text:
             import difflib
 
             diff = "".join(list(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
@@ -116,7 +121,8 @@ def _claim_run_dir(run_dir: Path, recipe: Recipe) -> None:
                 f"run folder {run_dir} was created by a different recipe, so it cannot be resumed:\n{diff}"
                 "Pass another --run-dir to start a new run (the existing one is left untouched)."
             )
-        return
+        if saved.exists():
+            return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} exists and is not a vlkit run folder (no recipe.yaml); refusing to "
                               "write into it. Pass another --run-dir.")
@@ -175,7 +181,9 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, VLM]:
 
     recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     model = build_model(recipe)
-    load_stage_weights(model, latest_checkpoint(run_dir))
+    checkpoint = latest_checkpoint(run_dir)
+    sync_lora(model, recipe.stages[: int(checkpoint.parent.name[len("stage"):].split("-", 1)[0]) + 1])
+    load_stage_weights(model, checkpoint)
     return recipe, model.eval()
 
 
@@ -183,9 +191,13 @@ def _trainer(recipe: Recipe, stage_idx: int, stage_dir: Path, run_dir: Path,
              callbacks: list[Callback]) -> L.Trainer:
     stage = recipe.stages[stage_idx]
     t = recipe.trainer
-    cbs: list[Callback] = [PeriodicCheckpoint(stage_dir / "last", t.checkpoint_every), *callbacks]
-    if t.progress_bar:
-        cbs.append(RichProgressBar(leave=True))
+    from vlkit.data.base import stage_data_seed
+    from vlkit.training.resume_state import ResumeState
+
+    cbs: list[Callback] = [ResumeState(stage_data_seed(recipe.seed, stage.name)),
+                           PeriodicCheckpoint(stage_dir / "last", t.checkpoint_every), *callbacks]
+    cbs += [FrozenPartsEval(), *progress_callbacks(f"stage {stage_idx} {stage.name!r}", t.progress_bar,
+                                                   t.log_every_n_steps)]
     val_every = stage.val_every * stage.accumulate if stage.val_every else None
     return L.Trainer(
         max_steps=stage.max_steps,
@@ -202,7 +214,7 @@ def _trainer(recipe: Recipe, stage_idx: int, stage_dir: Path, run_dir: Path,
         callbacks=cbs,
         plugins=[SafetensorsCheckpointIO()],
         enable_checkpointing=False,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=any(isinstance(c, RichProgressBar) for c in cbs),
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
@@ -245,9 +257,12 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         if ckpt_path:
             console.print(f"[cyan]resuming stage {i} {stage.name!r} from {resume}[/]")
             # Lightning restores them again in fit(); loading now lets the feature cache see these weights
+            sync_lora(model, recipe.stages[: i + 1])  # the adapters this stage's checkpoint holds
             load_stage_weights(model, resume)
         elif pending is not None:
+            sync_lora(model, recipe.stages[:i])
             load_stage_weights(model, pending)
+        sync_lora(model, recipe.stages[: i + 1])  # this stage's `lora:` (new adapters, or merge)
         apply_trainable(model, stage, f"stages[{i}]")
         data = _stage_data(recipe, i, train_data)
         if recipe.data.feature_cache and stage.objective != "distill":

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlkit.config import StageConfig
 from vlkit.errors import RecipeError
+from vlkit.training.lora import adapter_parameters, mark_trainable
 
 
 def _module_paths(model: nn.Module) -> list[str]:
@@ -39,6 +40,7 @@ def apply_trainable(model: nn.Module, stage: StageConfig, where: str = "stages")
     model.requires_grad_(False)
     for i, path in enumerate(stage.trainable):
         _resolve(model, path, f"{where}.trainable[{i}]").requires_grad_(True)
+    mark_trainable(model, stage)  # the LoRA adapters of the stage's `lora:` parts
     for p in getattr(model, "bypassed_parameters", list)():
         p.requires_grad_(False)
     for path in stage.lrs:
@@ -96,6 +98,8 @@ class PartCount:
     part: str
     total: int
     trainable: int
+    adapters: int = 0
+    """LoRA adapter parameters (part of ``total``)."""
 
 
 def count_parts(model: nn.Module) -> list[PartCount]:
@@ -108,7 +112,8 @@ def count_parts(model: nn.Module) -> list[PartCount]:
     rows = []
     for name, module in parts:
         ps = list(module.parameters())
-        rows.append(PartCount(name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
+        rows.append(PartCount(name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad),
+                              sum(p.numel() for _, p in adapter_parameters(module))))
     return rows
 
 
@@ -116,14 +121,16 @@ def print_param_table(model: nn.Module, stage: StageConfig, console: Console | N
     """Print (and return) the table of trainable vs frozen parameters per part for a stage."""
     rows = count_parts(model)
     table = Table(title=f"stage {stage.name!r}: what trains")
-    for col in ("part", "parameters", "trainable", "frozen", "status"):
+    for col in ("part", "parameters", "trainable", "frozen", "lora", "status"):
         table.add_column(col, justify="left" if col in ("part", "status") else "right")
     for r in rows:
         status = "train" if r.trainable == r.total else ("frozen" if r.trainable == 0 else "partial")
-        table.add_row(r.part, f"{r.total:,}", f"{r.trainable:,}", f"{r.total - r.trainable:,}", status)
+        table.add_row(r.part, f"{r.total:,}", f"{r.trainable:,}", f"{r.total - r.trainable:,}", f"{r.adapters:,}",
+                      status)
     total = sum(r.total for r in rows)
     train = sum(r.trainable for r in rows)
-    table.add_row("total", f"{total:,}", f"{train:,}", f"{total - train:,}", "", style="bold")
+    table.add_row("total", f"{total:,}", f"{train:,}", f"{total - train:,}", f"{sum(r.adapters for r in rows):,}",
+                  "", style="bold")
     (console or Console()).print(table)
     return rows
 
