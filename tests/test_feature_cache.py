@@ -33,10 +33,19 @@ def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
     return out
 
 
-def test_training_from_the_cache_matches_training_from_pixels(tiny_recipe: Path, tmp_path: Path, capsys):
+DINO = ("{model: vit_small_patch14_dinov2, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
+        "drop_path_rate: 0.3, proj_drop_rate: 0.3, attn_drop_rate: 0.3}")
+DROPOUT = [f"model.encoders=[{{name: dinov2, config: {DINO}}}]", "model.llm.config.attention_dropout=0.2"]
+"""An encoder with dropout and drop-path (frozen in both stages), an LLM with attention dropout (trained in
+the second): from pixels the frozen encoder must run as the cache encoded, in eval mode."""
+
+
+@pytest.mark.parametrize("overrides", [[], DROPOUT], ids=["no-dropout", "dropout"])
+def test_training_from_the_cache_matches_training_from_pixels(tiny_recipe: Path, tmp_path: Path, capsys,
+                                                              overrides: list[str]):
     cache = tmp_path / "cache"
-    plain = fit(load_recipe(tiny_recipe), tmp_path / "pixels")
-    cached = fit(load_recipe(tiny_recipe, [f"data.feature_cache={cache}"]), tmp_path / "cached")
+    plain = fit(load_recipe(tiny_recipe, overrides), tmp_path / "pixels")
+    cached = fit(load_recipe(tiny_recipe, [*overrides, f"data.feature_cache={cache}"]), tmp_path / "cached")
     a, b = _losses(tmp_path / "pixels"), _losses(tmp_path / "cached")
     assert len(a) == 7 and a.keys() == b.keys()
     for key in a:

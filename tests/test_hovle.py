@@ -14,8 +14,9 @@ import vlkit
 from vlkit.data.conversation import IMAGE_TOKEN_ID, Message
 from vlkit.encoders.holistic import HolisticEncoder
 from vlkit.errors import RecipeError
+from vlkit.objectives.base import build_objective
+from vlkit.objectives.distill import distill_loss
 from vlkit.registry import DATASETS
-from vlkit.training.distill import build_distiller, distill_loss
 from vlkit.training.stages import apply_trainable, build_optimizer
 
 HOVLE_RECIPE = """\
@@ -79,7 +80,7 @@ def batch_for(model: vlkit.VLM, question: str = "What color is the <image> squar
 
 def test_placeholders_are_replaced_by_the_module_image_features(hovle_recipe: Path):
     model = build(hovle_recipe)
-    holistic = model.holistic
+    holistic = model.encoders["holistic"]
     assert isinstance(holistic, HolisticEncoder) and model.fusion is None
     batch = batch_for(model)
     ids = batch["input_ids"]
@@ -109,13 +110,15 @@ def test_placeholders_are_replaced_by_the_module_image_features(hovle_recipe: Pa
 def test_text_table_starts_as_the_llm_table_and_output_at_its_scale(hovle_recipe: Path):
     model = build(hovle_recipe)
     llm_table = model.llm.model.get_input_embeddings().weight
-    assert torch.equal(model.holistic.text_embed.weight, llm_table)
-    assert model.holistic.text_embed.weight.data_ptr() != llm_table.data_ptr()  # a copy, trained separately
+    assert torch.equal(model.encoders["holistic"].text_embed.weight, llm_table)
+    holistic = model.encoders["holistic"]
+    assert holistic.text_embed.weight.data_ptr() != llm_table.data_ptr()  # a copy, trained separately
     rms = llm_table.pow(2).mean().sqrt()
     out = model.embed(batch_for(model)["input_ids"][:, -5:], None)
     assert torch.allclose(out.pow(2).mean().sqrt(), rms, rtol=0.2)
     fresh = build(hovle_recipe, "model.encoders.0.init_text_from_llm=false")
-    assert not torch.equal(fresh.holistic.text_embed.weight, fresh.llm.model.get_input_embeddings().weight)
+    assert not torch.equal(fresh.encoders["holistic"].text_embed.weight,
+                           fresh.llm.model.get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("hd", [False, True])
@@ -143,7 +146,7 @@ def test_module_is_causal(hovle_recipe: Path, hd: bool):
 
 
 def test_position_embedding_interpolates_to_other_sizes(hovle_recipe: Path):
-    holistic = build(hovle_recipe).holistic
+    holistic = build(hovle_recipe).encoders["holistic"]
     assert holistic.position_embedding(4, 4) is holistic.pos_embed  # the learned grid: no interpolation
     with torch.no_grad():  # a position table linear in the row (channel 0) and the column (channel 1)
         holistic.pos_embed.zero_()
@@ -168,7 +171,7 @@ def test_hd_mode_module_sees_4x_tokens_llm_gets_the_reduced_count(hovle_recipe: 
     hd = build(hovle_recipe, "model.encoders.0.hd=true")
     assert hd.num_image_tokens == base.num_image_tokens == 4
     seen: list[int] = []
-    hd.holistic.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    hd.encoders["holistic"].blocks[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
     batch = batch_for(hd, n=2)
     out = hd.embed(batch["input_ids"], batch["pixel_values"])
     length = batch["input_ids"].shape[1]
@@ -176,7 +179,7 @@ def test_hd_mode_module_sees_4x_tokens_llm_gets_the_reduced_count(hovle_recipe: 
     assert out.shape == (2, length, 32)  # the LLM gets 4 image tokens
     assert torch.isfinite(hd(**batch).loss)
     # HD: the image-only stream also has the reduced count
-    assert hd.holistic(torch.rand(3, 3, 32, 32))["tokens"].shape == (3, 4, 32)
+    assert hd.encoders["holistic"](torch.rand(3, 3, 32, 32))["tokens"].shape == (3, 4, 32)
 
 
 def test_generation_embeds_new_tokens_with_the_module(hovle_recipe: Path):
@@ -186,7 +189,7 @@ def test_generation_embeds_new_tokens_with_the_module(hovle_recipe: Path):
              for q in ("<image>\nWhat color?", "<image>\nHow many shapes are there in the picture?")]
     batch = proc.collate(feats, padding_side="left")
     ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-    new = model._generate_holistic(ids, mask, pixels, max_new_tokens=4)
+    new = model.strategy.generate(model, ids, mask, pixels, max_new_tokens=4)
     # reference without any cache: rerun module and LLM on the whole sequence for every token
     ref_ids, ref_mask = ids, mask
     for step in range(new.shape[1]):
@@ -213,7 +216,7 @@ def test_distillation_loss_zero_at_target_and_decreasing(hovle_recipe: Path):
     recipe = vlkit.load_recipe(hovle_recipe)
     model = build(hovle_recipe)
     stage = recipe.stages[0]
-    distiller = build_distiller(stage.distill, model, "stages[0].distill", seed=0)
+    distiller = build_objective(stage, model, recipe.eval, seed=0, where="stages[0]")
     data = DATASETS.build(stage.data, "stages[0].data")
     batch = next(iter(data.train_loader(model.processor(), seed=0)))
     n_img = model.num_image_tokens
@@ -234,7 +237,7 @@ def test_distillation_loss_zero_at_target_and_decreasing(hovle_recipe: Path):
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in distiller.parameters())  # the teacher and projector stay frozen
     assert all(p.grad is None for p in model.llm.parameters())  # stage I: the LLM is only a lookup table
-    assert all(p.grad is not None for p in model.holistic.parameters())
+    assert all(p.grad is not None for p in model.encoders["holistic"].parameters())
 
     # the loss is exactly zero when the module's output equals the targets
     targets = torch.empty(8, batch["input_ids"].shape[1], 32)
@@ -261,7 +264,7 @@ def test_frozen_parts_get_no_gradient_in_each_stage(hovle_recipe: Path):
                 assert p.grad is None, (stage.name, name)
         trains_llm = any(p.requires_grad for p in model.llm.parameters())
         assert trains_llm == (stage.name == "tune")
-        assert all(p.requires_grad for p in model.holistic.parameters())
+        assert all(p.requires_grad for p in model.encoders["holistic"].parameters())
 
 
 def test_recipe_errors(hovle_recipe: Path, tiny_recipe: Path):
@@ -326,11 +329,11 @@ def test_three_stage_fit_writes_distill_metrics_and_resumes(hovle_recipe: Path, 
     assert any(key.startswith("val/accuracy/") for key in summary["val"])  # per question type
     # the distillation teacher is saved with stage I (for resume) but is not part of the model
     state = vlkit.training.checkpoint.read_weights(run / "stage0-distill" / "last")
-    assert any(k.startswith("distiller.teacher.") for k in state)
+    assert any(k.startswith("objective.teacher.") for k in state)
     assert any(k.startswith("model.encoders.holistic.") for k in state)
     _, model = vlkit.load_run(run)
-    assert model.holistic is not None and not any("teacher" in k for k in model.state_dict())
+    assert model.strategy.name == "holistic" and not any("teacher" in k for k in model.state_dict())
     # the stage-I weights carry into stage II
     stage1 = vlkit.training.checkpoint.read_weights(run / "stage0-distill" / "last")
     fresh = build(hovle_recipe)
-    assert not torch.equal(fresh.holistic.pos_embed, stage1["model.encoders.holistic.pos_embed"])
+    assert not torch.equal(fresh.encoders["holistic"].pos_embed, stage1["model.encoders.holistic.pos_embed"])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vlkit.config import Recipe, load_recipe
+    from vlkit.io.pretrained import from_pretrained
     from vlkit.model import VLM, build_model
     from vlkit.registry import DATASETS, ENCODERS, FUSIONS, LLMS
     from vlkit.training.fit import evaluate, fit, load_run
@@ -27,12 +28,13 @@ _EXPORTS = {
     "DATASETS": "vlkit.registry", "ENCODERS": "vlkit.registry", "FUSIONS": "vlkit.registry",
     "LLMS": "vlkit.registry",
     "evaluate": "vlkit.training.fit", "fit": "vlkit.training.fit", "load_run": "vlkit.training.fit",
+    "from_pretrained": "vlkit.io.pretrained",
 }
 _SUBMODULES = {"cli", "config", "contracts", "data", "encoders", "errors", "eval", "fusions", "llms", "model",
                "module", "registry", "sweep", "training"}
 
 __all__ = ["DATASETS", "ENCODERS", "FUSIONS", "LLMS", "VLM", "Recipe", "build_model", "evaluate", "fit",
-           "load_recipe", "load_run"]
+           "from_pretrained", "load_recipe", "load_run"]
 __version__ = "0.1.0"
 
 

@@ -258,6 +258,17 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from vlkit.training.lora import export_lora
+
+    files = export_lora(args.run_dir, args.out, overwrite=args.overwrite)
+    lines = [f"merged model (vlkit.from_pretrained): {files['model']}"]
+    if "adapter" in files:
+        lines.append(f"LLM adapters in peft format: {files['adapter']} (base LLM: {files['llm']})")
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
+    return 0
+
+
 def _beta(value: str) -> float:
     try:
         beta = float(value)
@@ -305,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Without NAME: the registered parts of each kind with a one-line description "
                        "(read from the sources, nothing is imported). With KIND NAME: that part's reference: "
                        "its description and every argument with type, default and documentation.")
-    p.add_argument("kind", nargs="?", choices=["encoders", "fusions", "llms", "datasets"])
+    p.add_argument("kind", nargs="?", choices=["encoders", "fusions", "llms", "datasets", "objectives"])
     p.add_argument("name", nargs="?", help="a registered name (or module:Class) to describe")
     p.add_argument("--check", action="store_true", help="also import every part and plugin, reporting any that "
                    "fails to load")
@@ -402,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "tensors are copied from A. Repeat for several parts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_mix_weights)
+    p = sub.add_parser("merge-lora", help="fold a run's LoRA adapters into its weights; also write them in peft format",
+                       description="Write OUT/model (the latest checkpoint of RUN_DIR with its LoRA adapters merged, "
+                       "a saved model for vlkit.from_pretrained) and, when the LLM has adapters, OUT/llm (the base "
+                       "LLM) and OUT/llm-adapter (adapter_config.json + adapter_model.safetensors for "
+                       "peft.PeftModel.from_pretrained).")
+    p.add_argument("run_dir", help="run folder written by vlkit fit")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_merge_lora)
     return parser
 
 

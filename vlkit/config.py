@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlkit.errors import RecipeError
+from vlkit.schema import to_dataclass  # re-exported: its home is vlkit.schema
 
 # ----------------------------------------------------------------------------------------------- schema
 
@@ -74,32 +73,6 @@ class DataConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Targets of a distillation stage (HoVLE stage I): a frozen teacher for the image positions, the LLM's
-    input embeddings for the text positions; only the holistic encoder trains."""
-
-    teacher: dict[str, Any]
-    """A vision-encoder section (``{name: <registered encoder>, **args}``), built frozen."""
-    teacher_stream: str | None = None
-    """Which of the teacher's streams gives the targets (default: its only stream)."""
-    shuffle: bool = False
-    """Pixel-shuffle (ratio 0.5) the teacher's token grid before the projector, as InternVL does."""
-    projector: str | None = None
-    """Frozen projector from the teacher's width to the LLM's: ``linear`` or ``mlp{N}x_gelu`` (None: the
-    teacher's width must equal the LLM's hidden size)."""
-    projector_norm: bool = False
-    """LayerNorm before the projector (InternVL's ``mlp1`` layout: LayerNorm, Linear, GELU, Linear)."""
-    projector_weights: str | None = None
-    """A ``.safetensors`` file with the projector's weights (e.g. a VLM's trained projector); None: random."""
-    projector_prefix: str = ""
-    """Key prefix of the projector's tensors in ``projector_weights`` (e.g. ``mlp1.``)."""
-    loss: Literal["cosine", "mse"] = "cosine"
-    """``cosine``: 1 - cosine similarity per token; ``mse``: mean squared error per channel."""
-    image_weight: float = 1.0
-    text_weight: float = 1.0
-
-
-@dataclass
 class LoraConfig:
     """LoRA adapters (peft) on named parts for a stage: their base weights freeze, the adapters train."""
 
@@ -140,10 +113,13 @@ class StageConfig:
     ``name`` differs from ``data.train``'s is a dataset of its own that replaces it for this stage."""
     val_every: int | None = None
     """Validate every N optimizer steps (default: only at the end of the stage)."""
-    objective: Literal["lm", "distill"] = "lm"
-    """``lm``: next-token prediction; ``distill``: regress the targets of ``distill`` (HoVLE stage I)."""
-    distill: DistillConfig | None = None
-    """Teacher and loss of an ``objective: distill`` stage."""
+    objective: str = "lm"
+    """A registered objective (:mod:`vlkit.objectives`): ``lm`` (next-token prediction), ``distill`` (regress
+    the targets of ``distill``, HoVLE stage I), a ``vlkit.objectives`` plugin or ``package.module:Class``."""
+    distill: dict[str, Any] | None = None
+    """Arguments of ``objective: distill`` (teacher, loss; see :class:`vlkit.objectives.distill.Distill`)."""
+    objective_args: dict[str, Any] | None = None
+    """Arguments of any other objective (its ``Args``)."""
     lora: LoraConfig | Literal["merge"] | None = None
     """LoRA adapters trained in this stage (``{parts: [llm], r, alpha, dropout, targets, use_dora}``; a later
     stage restating them keeps training them), or ``merge``: fold the adapters of earlier stages into the
@@ -202,104 +178,6 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------------- validation
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against the type annotation ``tp`` (converting where lossless); raise RecipeError."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        present = [arg for arg in args if arg is not type(None)]
-        if len(present) == 1:  # Optional[X]: X's own error is the precise one (e.g. a nested dataclass key)
-            return _convert(present[0], value, key)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key)
-            except RecipeError as exc:
-                errors.append(exc.message)
-        raise RecipeError(f"expected {_type_name(tp)}, got {type(value).__name__} ({value!r})", key)
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{value!r} is not one of {list(args)}.{hint}", key)
-    if origin is list:
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise RecipeError(f"expected a list, got {type(value).__name__} ({value!r})", key)
-        return [_convert(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"expected a mapping, got {type(value).__name__} ({value!r})", key)
-        vt = args[1] if args else Any
-        return {k: _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return to_dataclass(tp, value, key)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RecipeError(f"expected float, got {type(value).__name__} ({value!r})", key)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise RecipeError(f"expected int, got {type(value).__name__} ({value!r})", key)
-    if tp in (str, bool):
-        if type(value) is tp:
-            return value
-        raise RecipeError(f"expected {tp.__name__}, got {type(value).__name__} ({value!r})", key)
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise RecipeError(f"expected {_type_name(tp)}, got {type(value).__name__} ({value!r})", key)
-
-
-def to_dataclass(schema: type, data: Any, where: str = "") -> Any:
-    """Build ``schema`` (a dataclass) from a mapping, rejecting unknown keys, wrong types, missing fields.
-
-    ``where`` is the key path of ``data`` inside the recipe, used in error messages.
-    """
-    if isinstance(data, (DictConfig, ListConfig)):
-        data = OmegaConf.to_container(data, resolve=True)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"expected a mapping, got {type(data).__name__} ({data!r})", where or None)
-    prefix = f"{where}." if where else ""
-    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
-    hints = typing.get_type_hints(schema)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"unknown key.{hint} Valid keys here: {', '.join(fields)}", f"{prefix}{key}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError("missing required key", f"{prefix}{name}")
-    return schema(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -477,7 +355,9 @@ def _complete(registry: Any, section: Mapping[str, Any], where: str) -> dict[str
 
 def _validate_parts(recipe: Recipe) -> None:
     """Validate every part section against its registered ``Args`` and fill in defaults."""
+    from vlkit.objectives.base import check_stage
     from vlkit.registry import DATASETS, ENCODERS, FUSIONS, LLMS
+    from vlkit.strategies import strategy_for
 
     m = recipe.model
     if not m.encoders:
@@ -489,19 +369,9 @@ def _validate_parts(recipe: Recipe) -> None:
         if m.views.size <= 0:
             raise RecipeError(f"must be a positive number of pixels, got {m.views.size}", "model.views.size")
     m.encoders = [_complete(ENCODERS, e, f"model.encoders[{i}]") for i, e in enumerate(m.encoders)]
-    holistic = _holistic_encoders(m.encoders)
-    if holistic:
-        if len(m.encoders) > 1:
-            raise RecipeError("a holistic encoder embeds the whole sequence for the LLM, so it must be the only "
-                              "encoder", "model.encoders")
-        if m.fusion is not None:
-            raise RecipeError("a holistic encoder feeds the LLM directly; set `fusion: null` (or leave it out)",
-                              "model.fusion")
-        if m.views is not None:
-            raise RecipeError("multi-view images are not supported with a holistic encoder", "model.views")
-    elif m.fusion is None:
-        raise RecipeError("missing required key (only a holistic encoder goes without a fusion)", "model.fusion")
-    else:
+    strategy = strategy_for([ENCODERS.get(e["name"]) for e in m.encoders])  # from the encoders' interfaces
+    strategy.check_model(m, "model")
+    if strategy.uses_fusion:
         m.fusion = _complete(FUSIONS, m.fusion, "model.fusion")
     m.llm = _complete(LLMS, m.llm, "model.llm")
     recipe.data.train = _complete(DATASETS, recipe.data.train, "data.train")
@@ -524,54 +394,12 @@ def _validate_parts(recipe: Recipe) -> None:
             stage.data = _complete(DATASETS, stage.data, f"{where}.data")
         elif stage.data:
             _complete(DATASETS, {**recipe.data.train, **stage.data}, f"{where}.data")
-        _validate_objective(stage, where, bool(holistic), stage.data.get("name", train_name))
+        dataset = stage.data.get("name", train_name)
+        check_stage(stage, where, strategy, DATASETS.get(dataset).objective, dataset)  # the objective's checks
     _validate_lora(recipe)
     from vlkit.eval.metrics import check_metric_names
 
     check_metric_names(recipe.eval.metrics, "eval.metrics")
-
-
-def _holistic_encoders(encoders: list[dict[str, Any]]) -> list[int]:
-    """Indices of the encoder sections whose class declares the holistic interface (HoVLE)."""
-    from vlkit.encoders.holistic import HolisticEncoder
-    from vlkit.registry import ENCODERS
-
-    return [i for i, e in enumerate(encoders) if issubclass(ENCODERS.get(e["name"]), HolisticEncoder)]
-
-
-def _validate_objective(stage: StageConfig, where: str, holistic: bool, dataset: str) -> None:
-    """A distillation stage: a holistic model, a distillation dataset and a complete ``distill`` section."""
-    from vlkit.fusions.projector import check_projector
-    from vlkit.registry import DATASETS, ENCODERS
-
-    if stage.objective == "distill" and not holistic:
-        raise RecipeError("distillation trains a holistic encoder (HoVLE stage I); this model has none",
-                          f"{where}.objective")
-    provides = getattr(DATASETS.get(dataset), "objective", "lm")
-    if provides != stage.objective:
-        need = "a distillation dataset (e.g. distill_images)" if stage.objective == "distill" else "conversations"
-        raise RecipeError(f"dataset {dataset!r} gives {provides!r} batches but this stage's objective is "
-                          f"{stage.objective!r}, which needs {need}", f"{where}.data")
-    if stage.objective != "distill":
-        if stage.distill is not None:
-            raise RecipeError("only used by `objective: distill` stages", f"{where}.distill")
-        return
-    d = stage.distill
-    if d is None:
-        raise RecipeError("missing: `objective: distill` needs a `distill:` section (teacher, loss)",
-                          f"{where}.distill")
-    d.teacher = _complete(ENCODERS, d.teacher, f"{where}.distill.teacher")
-    if _holistic_encoders([d.teacher]):
-        raise RecipeError("the teacher must be a vision encoder, not a holistic one", f"{where}.distill.teacher")
-    if d.projector is not None:
-        check_projector(d.projector, f"{where}.distill.projector")
-    elif d.projector_norm or d.projector_weights:
-        raise RecipeError("`projector_norm` / `projector_weights` need a `projector`", f"{where}.distill.projector")
-    for name in ("image_weight", "text_weight"):
-        if getattr(d, name) < 0:
-            raise RecipeError("must be 0 or more", f"{where}.distill.{name}")
-    if d.image_weight == d.text_weight == 0:
-        raise RecipeError("image_weight and text_weight are both 0: nothing to learn", f"{where}.distill")
 
 
 def _validate_lora(recipe: Recipe) -> None:
@@ -588,8 +416,8 @@ def _validate_lora(recipe: Recipe) -> None:
             if not adapted:
                 raise RecipeError("`lora: merge` but no earlier stage trains LoRA adapters", where)
             if quantized:
-                raise RecipeError("cannot merge adapters into a quantized (`load_in`) LLM; export them in "
-                                  "peft format instead (vlkit merge-lora --peft)", where)
+                raise RecipeError("cannot merge adapters into a quantized (`load_in`) LLM; keep them as they are "
+                                  "(vlkit merge-lora writes them in peft format)", where)
             adapted = {}
         elif isinstance(stage.lora, LoraConfig):
             lora = stage.lora

@@ -88,13 +88,16 @@ def encoder_output_problems(part: Any, pixel_values: Any, out: Any) -> list[str]
     if set(out) != set(dims):
         problems.append(f"forward returned streams {sorted(out)} but `stream_dims` declares {sorted(dims)}")
     batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else None
+    # `num_tokens` is the count at the encoder's own input size; at another size (position-embedding
+    # interpolation) only the batch and channel dimensions are checked
+    native = not isinstance(pixel_values, torch.Tensor) or pixel_values.shape[-1] == getattr(part, "image_size", None)
     for name, t in out.items():
         if name not in dims:
             continue
         if not isinstance(t, torch.Tensor):
             problems.append(f"stream {name!r} must be a tensor, got {type(t).__name__}")
             continue
-        want = (batch, n, dims[name])
+        want = (batch, n if native or t.dim() != 3 else t.shape[1], dims[name])
         if tuple(t.shape) != want:
             hint = ""
             if t.dim() == 3 and tuple(t.shape) == (batch, dims[name], n):

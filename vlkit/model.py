@@ -167,6 +167,12 @@ class VLM(nn.Module):
 
     # ----------------------------------------------------------------------------------------- weights
 
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json, safetensors weights, tokenizer and processor settings (see :mod:`vlkit.io.pretrained`)."""
+        from vlkit.io.pretrained import save_pretrained
+
+        return save_pretrained(self, folder, max_shard_size=max_shard_size)
+
     def load_weights(self, path: str | Path, strict: bool = True) -> None:
         """Load a ``model.safetensors`` written by vlkit (a file, or a folder that contains one)."""
         state = read_weights(path)

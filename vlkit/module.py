@@ -1,4 +1,4 @@
-"""The LightningModule that trains one stage of a VLM and evaluates it (loss + exact-match accuracy)."""
+"""The LightningModule that trains one stage of a VLM; what it optimises and reports is the stage's objective."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from rich.console import Console
 from vlkit.config import EvalConfig, StageConfig
 from vlkit.eval.metrics import normalize_answer  # re-exported: vlkit.module.normalize_answer
 from vlkit.model import VLM
-from vlkit.training.distill import Distiller
+from vlkit.objectives.base import Objective, build_objective
 from vlkit.training.stages import build_optimizer, print_param_table
+
+__all__ = ["VLMModule", "normalize_answer"]
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -28,28 +30,32 @@ def _gather(obj: Any) -> list[Any]:
 class VLMModule(L.LightningModule):
     """Trains ``model`` for one recipe stage. Freezing is applied by the caller before the Trainer starts.
 
-    The data loaders come from ``train_data`` / ``val_data`` (registered datasets), built per rank once the
-    (possibly distributed) run has started. ``baseline`` maps question type -> majority training answer.
+    The loss and the validation metrics are the ``objective``'s (default: built from ``stage.objective``;
+    see :mod:`vlkit.objectives`), which also says which data it validates on: ``val_data`` or the training
+    dataset's held-out part. The data loaders come from ``train_data`` / ``val_data`` (registered datasets),
+    built per rank once the (possibly distributed) run has started. ``baseline`` maps question type ->
+    majority training answer.
 
-    With a ``distiller`` (an ``objective: distill`` stage) the loss is the distillation loss, and validation
-    runs on the training dataset's held-out part and reports ``val/loss``, ``val/cos_image``, ``val/cos_text``.
+    Frozen parts run in eval mode while training (:meth:`vlkit.model.VLM.train`): applied at the start of
+    the stage and again after every validation.
     """
 
     def __init__(self, model: VLM, stage: StageConfig, eval_cfg: EvalConfig, train_data: Any,
                  val_data: Any | None = None, baseline: dict[str | None, str] | None = None,
-                 seed: int = 0, distiller: Distiller | None = None) -> None:
+                 seed: int = 0, objective: Objective | None = None) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.eval_cfg = eval_cfg
         self.train_data = train_data
         self.val_data = val_data
-        self.baseline = baseline or {}
         self.seed = seed
-        self.distiller = distiller
+        self.objective = objective if objective is not None else build_objective(
+            stage, model, eval_cfg, baseline, seed=seed)
         self.shards_seen: Counter[str] = Counter()
         self._skipped = 0
-        self._reset_val()
+        self._val_skipped = 0
+        self._model_was_training = True
 
     # ---------------------------------------------------------------------------------------------- data
 
@@ -64,18 +70,23 @@ class VLMModule(L.LightningModule):
                                             rank=self.global_rank, world_size=self.trainer.world_size)
 
     @property
+    def _validation_data(self) -> Any | None:
+        return self.train_data if self.objective.validates_on_train_data else self.val_data
+
+    @property
     def can_validate(self) -> bool:
-        """Whether this stage has a validation set (a distillation dataset's held-out part, or data.val)."""
-        if self.distiller is not None:
+        """Whether this stage has a validation set (data.val, or the training dataset's held-out part when
+        the objective validates there)."""
+        if self.objective.validates_on_train_data:
             return self.train_data.has_validation()
         return self.val_data is not None
 
     def val_dataloader(self):
         if not self.can_validate:
             return []
-        data = self.train_data if self.distiller is not None else self.val_data
-        return data.val_loader(self._processor(), rank=self.global_rank, world_size=self.trainer.world_size,
-                               max_samples=self.eval_cfg.max_samples)
+        return self._validation_data.val_loader(self._processor(), rank=self.global_rank,
+                                                world_size=self.trainer.world_size,
+                                                max_samples=self.eval_cfg.max_samples)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -84,20 +95,18 @@ class VLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self.train()  # this stage's modes: trainable parts train, frozen ones eval (VLM.train)
         if self.trainer.is_global_zero:
             print_param_table(self.model, self.stage, Console())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._skipped += int(batch.get("skipped", 0) or 0)
         self.shards_seen.update(batch.get("__url__") or [])
-        if self.distiller is not None:
-            out = self.distiller(self.model, batch)
-            loss = out.loss
-            for name, value in (("image_loss", out.image_loss), ("text_loss", out.text_loss)):
-                self.log(f"train/{name}", value.detach(), batch_size=batch["input_ids"].shape[0])
-        else:
-            loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        n = batch["input_ids"].shape[0]
+        loss, logs = self.objective.training_step(self.model, batch)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
@@ -111,89 +120,34 @@ class VLMModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- validation
 
-    def _reset_val(self) -> None:
-        self._val: dict[str, list[float]] = {}
-        self._val_loss = [0.0, 0]
-        self._val_skipped = 0
-        self._val_cos = [0.0, 0, 0.0, 0]  # distillation: cosine sum and count, image then text
+    def on_validation_model_eval(self) -> None:
+        self._model_was_training = self.model.training
+        super().on_validation_model_eval()
+
+    def on_validation_model_train(self) -> None:
+        """After validation: back to the mode before it; in train mode the frozen parts are in eval again
+        (re-applied from the stage's freezing, :meth:`vlkit.model.VLM.train`)."""
+        self.train(self._model_was_training)
 
     def on_validation_epoch_start(self) -> None:
-        self._reset_val()
+        self._val_skipped = 0
+        self.objective.reset_validation()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._val_skipped += int(batch.get("skipped", 0) or 0)
-        if self.distiller is not None:
-            out = self.distiller(self.model, batch)
-            n = batch["input_ids"].shape[0]
-            self._val_loss[0] += float(out.loss) * n
-            self._val_loss[1] += n
-            for i, value in enumerate((out.cos_image, out.n_image, out.cos_text, out.n_text)):
-                self._val_cos[i] += value
-            return
-        loss_batch = batch.get("loss_batch")
-        if loss_batch is not None:
-            out = self.model(**{k: v for k, v in loss_batch.items() if k in
-                                ("input_ids", "attention_mask", "pixel_values", "labels")})
-            n = int((loss_batch["labels"][:, 1:] != -100).sum())
-            self._val_loss[0] += float(out.loss) * n
-            self._val_loss[1] += n
-        preds = self.model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                    max_new_tokens=self.eval_cfg.max_new_tokens)
-        types = batch.get("type") or [None] * len(preds)
-        for pred, answer, qtype in zip(preds, batch["answer"], types):
-            gold = normalize_answer(answer)
-            for key in ("all", f"type:{qtype}" if qtype else None):
-                if key is None:
-                    continue
-                stats = self._val.setdefault(key, [0.0, 0.0, 0.0])
-                stats[0] += float(normalize_answer(pred) == gold)
-                stats[1] += float(normalize_answer(self.baseline.get(qtype, self.baseline.get(None, ""))) == gold)
-                stats[2] += 1
+        self.objective.validation_step(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self.distiller is not None:
-            self._distill_epoch_end()
-            return
-        merged: dict[str, list[float]] = {}
-        loss_sum, loss_n, skipped = 0.0, 0, 0
-        for part, (lsum, ln), sk in _gather((self._val, self._val_loss, self._val_skipped)):
-            for key, stats in part.items():
-                acc = merged.setdefault(key, [0.0, 0.0, 0.0])
-                for i in range(3):
-                    acc[i] += stats[i]
-            loss_sum, loss_n, skipped = loss_sum + lsum, loss_n + ln, skipped + sk
-        metrics = self.metrics_from(merged, loss_sum / loss_n if loss_n else None)
-        metrics["val/skipped"] = float(skipped)
+        gathered = _gather((self.objective.validation_state(), self._val_skipped))
+        metrics = self.objective.validation_metrics([state for state, _ in gathered])
+        metrics["val/skipped"] = float(sum(skipped for _, skipped in gathered))
         for key, value in metrics.items():
-            self.log(key, value, rank_zero_only=True, prog_bar=key in ("val/accuracy", "val/loss"))
-        self.last_val_metrics = metrics
-
-    def _distill_epoch_end(self) -> None:
-        loss_sum, loss_n, cos, skipped = 0.0, 0, [0.0, 0, 0.0, 0], 0
-        for (lsum, ln), part, sk in _gather((self._val_loss, self._val_cos, self._val_skipped)):
-            loss_sum, loss_n, skipped = loss_sum + lsum, loss_n + ln, skipped + sk
-            cos = [a + b for a, b in zip(cos, part)]
-        metrics = {"val/skipped": float(skipped)}
-        if loss_n:
-            metrics["val/loss"] = loss_sum / loss_n
-        if cos[1]:
-            metrics["val/cos_image"] = cos[0] / cos[1]
-        if cos[3]:
-            metrics["val/cos_text"] = cos[2] / cos[3]
-        for key, value in metrics.items():
-            self.log(key, value, rank_zero_only=True, prog_bar=key != "val/skipped")
+            self.log(key, value, rank_zero_only=True, prog_bar=key in self.objective.progress_metrics)
         self.last_val_metrics = metrics
 
     @staticmethod
     def metrics_from(stats: dict[str, list[float]], loss: float | None) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if loss is not None:
-            out["val/loss"] = loss
-        for key, (correct, base, n) in sorted(stats.items()):
-            if not n:
-                continue
-            suffix = "" if key == "all" else "/" + key.removeprefix("type:")
-            out[f"val/accuracy{suffix}"] = correct / n
-            out[f"val/baseline{suffix}"] = base / n
-            out[f"val/count{suffix}"] = n
-        return out
+        """The ``lm`` objective's metrics from summed ``[correct, baseline correct, count]`` per key."""
+        from vlkit.objectives.lm import metrics_from
+
+        return metrics_from(stats, loss)

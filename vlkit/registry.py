@@ -391,7 +391,7 @@ class Registry:
 
     def parse_args(self, cfg: Mapping[str, Any], where: str = "") -> Any:
         """Validate a recipe section ``{name: ..., **args}`` and return the part's ``Args`` instance."""
-        from vlkit.config import to_dataclass  # config imports registries; avoid the cycle at import time
+        from vlkit.schema import to_dataclass
 
         if not isinstance(cfg, Mapping):
             raise RecipeError(f"expected a mapping {{name: <{self.kind}>, ...}}, got {type(cfg).__name__} "
@@ -417,7 +417,7 @@ class Registry:
 
     def complete(self, cfg: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """``cfg`` validated, with every argument (defaults filled in) and the common keys it sets."""
-        from vlkit.config import _convert
+        from vlkit.schema import _convert
 
         args = self.parse_args(cfg, where)
         out = {"name": cfg["name"], **dataclasses.asdict(args)}
@@ -445,10 +445,12 @@ ENCODERS = Registry("encoder", "vlkit.encoders", "vlkit.encoders", base="vlkit.e
 FUSIONS = Registry("fusion", "vlkit.fusions", "vlkit.fusions", base="vlkit.fusions.base:Fusion")
 LLMS = Registry("llm", "vlkit.llms", "vlkit.llms", base="vlkit.llms.base:LLM")
 DATASETS = Registry("dataset", "vlkit.datasets", "vlkit.data", base="vlkit.data.base:Dataset")
+OBJECTIVES = Registry("objective", "vlkit.objectives", "vlkit.objectives", base="vlkit.objectives.base:Objective")
 
 REGISTRIES: dict[str, Registry] = {
     "encoders": ENCODERS,
     "fusions": FUSIONS,
     "llms": LLMS,
     "datasets": DATASETS,
+    "objectives": OBJECTIVES,
 }

@@ -44,6 +44,7 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vlkit.data.reading import BadSample, decode_image, image_bytes, iter_tar_samples
 from vlkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -165,18 +166,16 @@ def _atomic_json(path: Path, data: Any) -> None:
 def _batches(url: str, pixels: Any, batch_size: int, bad: dict[str, tuple[str, str]]
              ) -> Iterator[tuple[list[str], list[str], torch.Tensor]]:
     """(keys, sha1s, stacked pixels) of the imaged samples of one shard; undecodable images go to ``bad``."""
-    from vlkit.data.shards import _BadSample, _decode_image, _image_bytes, iter_tar_samples
-
     keys: list[str] = []
     shas: list[str] = []
     images: list[torch.Tensor] = []
     for key, files in iter_tar_samples(url):
-        data = _image_bytes(files)
+        data = image_bytes(files)
         if data is None:
             continue
         try:
-            image = _decode_image(files)
-        except _BadSample as exc:
+            image = decode_image(files)
+        except BadSample as exc:
             bad[key] = (image_sha1(data), str(exc))
             continue
         keys.append(key)
@@ -237,9 +236,8 @@ def build_cache(recipe: Recipe, model: VLM, shards: Sequence[str], root: str | P
                 show_progress: bool = True) -> CacheReader:
     """Make sure ``root`` holds the streams of ``model``'s encoders (as they are now) for every image of
     ``shards``, encoding the shards that are missing or changed, and return a reader for them."""
-    if model.holistic is not None:
-        raise DataError("the feature cache serves vision encoders whose output depends only on the image; a "
-                        "holistic encoder embeds the text too, so it cannot be cached (remove data.feature_cache)")
+    if model.strategy.cache_refusal is not None:  # e.g. a holistic encoder, which embeds the text too
+        raise DataError(model.strategy.cache_refusal)
     folder = Path(root) / fingerprint(recipe, model)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "fingerprint.json").is_file():

@@ -15,6 +15,7 @@ loads back through ``checkpoint:``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -153,6 +154,12 @@ class HFCausalLM(LLM):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
+        return self.save_tokenizer(folder)
+
+    def save_tokenizer(self, folder: str | Path) -> Path:
+        """Write the tokenizer with the chat template this model uses (a built-in one as Jinja)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         own = self.tokenizer.chat_template
         try:
             if isinstance(self.template, FormatTemplate):
@@ -161,6 +168,21 @@ class HFCausalLM(LLM):
         finally:
             self.tokenizer.chat_template = own
         return folder
+
+    def portable_section(self, tokenizer: str) -> dict[str, Any]:
+        """The recipe section that rebuilds this LLM's architecture from no file but ``tokenizer`` (a folder
+        written by :meth:`save_tokenizer`): the model's own config inline, so weights loaded afterwards
+        (vlkit's ``from_pretrained``) need neither the original checkpoint nor a download."""
+        config = self.model.config.to_diff_dict()
+        for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                    "quantization_config", "auto_map"):
+            config.pop(key, None)
+        config["model_type"] = self.model.config.model_type
+        dtype = self.args.dtype
+        if dtype == "auto":
+            dtype = {v: k for k, v in _DTYPES.items()}.get(self.model.dtype, "float32")
+        return {"name": "hf_causal", **dataclasses.asdict(self.args), "checkpoint": None, "gguf_file": None,
+                "config": config, "tokenizer": tokenizer, "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -70,3 +70,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint folder of the latest stage that has one in a run folder."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob("stage*-*/last") if (p / WEIGHTS).exists()]
+    if not found:
+        raise CheckpointError(f"no stage checkpoint in {run_dir}: is it a vlkit run folder that has trained?")
+    return max(found, key=lambda p: int(p.parent.name[len("stage"):].split("-", 1)[0]))

@@ -33,10 +33,9 @@ from vlkit.config import Recipe
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.model import VLM, build_model
 from vlkit.module import VLMModule
-from vlkit.registry import DATASETS
-from vlkit.training.checkpoint import WEIGHTS, SafetensorsCheckpointIO, read_weights
-from vlkit.training.distill import build_distiller
-from vlkit.training.frozen import FrozenPartsEval
+from vlkit.objectives.base import build_objective
+from vlkit.registry import DATASETS, OBJECTIVES
+from vlkit.training.checkpoint import WEIGHTS, SafetensorsCheckpointIO, latest_checkpoint, read_weights
 from vlkit.training.lora import sync_lora
 from vlkit.training.progress import progress_callbacks
 from vlkit.training.stages import apply_trainable
@@ -166,15 +165,6 @@ def _checkpoint_step(checkpoint_dir: Path) -> int:
     return int(state["global_step"])
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint folder of the latest stage that has one in a run folder."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("stage*-*/last") if (p / WEIGHTS).exists()]
-    if not found:
-        raise CheckpointError(f"no stage checkpoint in {run_dir}: is it a vlkit run folder that has trained?")
-    return max(found, key=lambda p: int(p.parent.name[len("stage"):].split("-", 1)[0]))
-
-
 def load_run(run_dir: str | Path) -> tuple[Recipe, VLM]:
     """Rebuild the model of a run folder from its recipe and load its latest weights."""
     from vlkit.config import load_recipe
@@ -196,7 +186,7 @@ def _trainer(recipe: Recipe, stage_idx: int, stage_dir: Path, run_dir: Path,
 
     cbs: list[Callback] = [ResumeState(stage_data_seed(recipe.seed, stage.name)),
                            PeriodicCheckpoint(stage_dir / "last", t.checkpoint_every), *callbacks]
-    cbs += [FrozenPartsEval(), *progress_callbacks(f"stage {stage_idx} {stage.name!r}", t.progress_bar,
+    cbs += [*progress_callbacks(f"stage {stage_idx} {stage.name!r}", t.progress_bar,
                                                    t.log_every_n_steps)]
     val_every = stage.val_every * stage.accumulate if stage.val_every else None
     return L.Trainer(
@@ -265,14 +255,11 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         sync_lora(model, recipe.stages[: i + 1])  # this stage's `lora:` (new adapters, or merge)
         apply_trainable(model, stage, f"stages[{i}]")
         data = _stage_data(recipe, i, train_data)
-        if recipe.data.feature_cache and stage.objective != "distill":
+        objective = build_objective(stage, model, recipe.eval, baseline, seed=recipe.seed, where=f"stages[{i}]")
+        if recipe.data.feature_cache and not objective.needs_pixels:
             data = _with_feature_cache(recipe, i, model, data, console)
-        distiller = None
-        if stage.objective == "distill":
-            assert stage.distill is not None  # validated with the recipe
-            distiller = build_distiller(stage.distill, model, f"stages[{i}].distill", seed=recipe.seed)
         module = VLMModule(model, stage, recipe.eval, data, val_data, baseline, seed=recipe.seed,
-                           distiller=distiller)
+                           objective=objective)
         trainer = _trainer(recipe, i, stage_dir, run_dir, list(callbacks or []))
         stage_start = time.time()
         resume_step = _checkpoint_step(resume) if ckpt_path else 0
@@ -337,7 +324,10 @@ def evaluate(recipe: Recipe, model: VLM) -> dict[str, float]:
     train_data = DATASETS.build(recipe.data.train, "data.train")
     val_data = DATASETS.build(recipe.data.val, "data.val")
     baseline = majority_baseline(train_data, recipe.eval.baseline_samples)
-    module = VLMModule(model, recipe.stages[-1], recipe.eval, train_data, val_data, baseline, seed=recipe.seed)
+    lm = OBJECTIVES.build({"name": "lm"}, "eval", model=model, eval_cfg=recipe.eval, baseline=baseline,
+                          seed=recipe.seed)  # answers on data.val, whatever the last stage optimised
+    module = VLMModule(model, recipe.stages[-1], recipe.eval, train_data, val_data, baseline, seed=recipe.seed,
+                       objective=lm)
     trainer = L.Trainer(accelerator=recipe.trainer.accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=recipe.trainer.progress_bar, use_distributed_sampler=False,

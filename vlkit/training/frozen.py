@@ -10,7 +10,8 @@ from torch import nn
 
 def set_frozen_eval(model: nn.Module) -> list[str]:
     """Put every submodule whose parameters are all frozen (and that has some) in eval mode; return their
-    paths (outermost only). Modules with trainable parameters keep their mode."""
+    paths (outermost only). Every other module is put in train mode, so a part frozen in an earlier stage
+    trains with its dropout on when a later stage unfreezes it (as a resumed process would)."""
     frozen: list[str] = []
 
     def visit(module: nn.Module, path: str) -> None:
@@ -19,6 +20,7 @@ def set_frozen_eval(model: nn.Module) -> list[str]:
             module.eval()
             frozen.append(path)
             return
+        module.training = True  # this module only; its children are visited below
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name)
 

@@ -14,8 +14,6 @@ rebuilds it from the recipe before any checkpoint is loaded (fit, resume, ``load
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from vlkit.config import LoraConfig, Recipe, StageConfig
+from vlkit.config import LoraConfig, StageConfig
 from vlkit.errors import CheckpointError, RecipeError
 
 PREFIX = "lora_"  # peft's LoraModel.prefix: every adapter parameter name contains it
@@ -184,15 +182,16 @@ def peft_adapter(model: nn.Module, part: str = "llm") -> tuple[Any, dict[str, to
 def export_lora(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write a run's latest model with its adapters merged, plus the LLM's adapters in peft's format.
 
-    ``out`` gets ``model.safetensors`` (every part, adapters folded in: the keys of a model built from the
-    recipe without LoRA) and ``recipe.yaml``; when the LLM holds adapters, also ``llm/`` (the base LLM,
-    ``save_pretrained``) and ``llm-adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``)
-    so that ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out/"llm"), out/"llm-adapter")``
-    is the trained LLM.
+    ``out/model/`` is a saved model (:func:`vlkit.io.pretrained.save_pretrained`: adapters folded in, loads
+    with ``vlkit.from_pretrained``). When the LLM holds adapters, also ``out/llm/`` (the base LLM, as
+    ``save_pretrained`` writes it) and ``out/llm-adapter/`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``), so that ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+    out/"llm"), out/"llm-adapter")`` is the trained LLM. Returns the paths (keys ``model``, ``llm``, ``adapter``).
     """
     from safetensors.torch import save_file
 
-    from vlkit.training.checkpoint import WEIGHTS, atomic_dir, write_weights
+    from vlkit.io.pretrained import save_pretrained
+    from vlkit.training.checkpoint import atomic_dir
     from vlkit.training.fit import load_run
 
     out = Path(out)
@@ -208,7 +207,6 @@ def export_lora(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         if "llm" in parts:
             config, tensors = peft_adapter(model, "llm")
             config.base_model_name_or_path = str((out / "llm").absolute())
-            (tmp / "llm-adapter").mkdir()
             config.save_pretrained(str(tmp / "llm-adapter"))
             save_file(tensors, str(tmp / "llm-adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
             base = copy.deepcopy(model.llm)
@@ -216,19 +214,6 @@ def export_lora(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
             base.save_pretrained(tmp / "llm")
             files.update(llm=out / "llm", adapter=out / "llm-adapter")
         unload(model, merge=True)
-        write_weights(model.state_dict(), tmp / WEIGHTS, metadata={"vlkit_lora": json.dumps(sorted(parts))})
-        shutil.copyfile(Path(run_dir) / "recipe.yaml", tmp / "recipe.yaml")
-        files["weights"] = out / WEIGHTS
+        save_pretrained(model, tmp / "model")
+        files["model"] = out / "model"
     return files
-
-
-def load_merged(folder: str | Path) -> tuple[Recipe, nn.Module]:
-    """The model of an :func:`export_lora` folder: built from its recipe without adapters, merged weights."""
-    from vlkit.config import load_recipe
-    from vlkit.model import build_model
-
-    folder = Path(folder)
-    recipe = load_recipe(folder / "recipe.yaml")
-    model = build_model(recipe)
-    model.load_weights(folder)
-    return recipe, model.eval()

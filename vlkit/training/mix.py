@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vlkit.errors import CheckpointError
-from vlkit.training.checkpoint import STATE, WEIGHTS, atomic_dir
+from vlkit.training.checkpoint import STATE, WEIGHTS, atomic_dir, latest_checkpoint
 
 HF_INDEX = "model.safetensors.index.json"
 MIX_INFO = "mix.json"
@@ -90,8 +90,6 @@ def resolve_source(path: str | Path) -> WeightSource:
             raise CheckpointError(f"{path} is not a .safetensors file; mix-weights reads safetensors weights only")
         source = WeightSource(path, "file", [path], path.parent)
     elif (path / "recipe.yaml").is_file():
-        from vlkit.training.fit import latest_checkpoint
-
         ckpt = latest_checkpoint(path)
         source = WeightSource(path, "run", [ckpt / WEIGHTS], ckpt)
     elif (path / HF_INDEX).is_file():
