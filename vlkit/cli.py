@@ -269,6 +269,45 @@ def _cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlkit.eval.lmms import run_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = run_eval(args.model, tasks, limit=args.limit, out=args.out, include_path=args.include_path,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if results:
+        from lmms_eval.utils import make_table
+
+        console.print(make_table(results), highlight=False, soft_wrap=True)
+        if args.out:
+            console.print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}",
+                          highlight=False)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlkit.export import export
+
+    out = export(args.source, args.out, args.format, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    how = ("vlkit.from_pretrained" if args.format == "vlkit"
+           else "transformers' AutoModelForImageTextToText / AutoProcessor")
+    console.print(f"wrote {out} (load it with {how})", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from vlkit.chat import run
+    from vlkit.generation import from_arguments
+
+    return run(args.model, image=args.image, options=from_arguments(args))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vlkit.serve import serve
+
+    return serve(args.model, host=args.host, port=args.port, name=args.name)
+
+
 def _beta(value: str) -> float:
     try:
         beta = float(value)
@@ -422,7 +461,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_merge_lora)
+
+    p = sub.add_parser("eval", help="run lmms-eval benchmarks on a run folder or saved model (pip install vlkit[eval])",
+                       description="Evaluate MODEL (a run folder or a saved model) on lmms-eval TASKS in-process, "
+                       "through the `vlkit` lmms-eval model. Writes OUT/results.json (lmms-eval's results) and "
+                       "OUT/results.md (its table).")
+    p.add_argument("model", help="run folder written by vlkit fit, or a saved model folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
+    p.add_argument("--limit", type=float, default=None, help="samples per task (a fraction if < 1)")
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    p.add_argument("--include-path", default=None, help="folder of extra (local) lmms-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default when a task sets none")
+    p.set_defaults(func=_cmd_eval)
+    _add_model_io_commands(sub)
     return parser
+
+
+def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``chat`` and ``serve``."""
+    from vlkit.generation import add_arguments as add_generation_arguments  # light: no torch
+
+    p = sub.add_parser("export", help="write a trained model as a self-contained folder (vlkit or LLaVA format)",
+                       description="Write SOURCE (a run folder: its latest checkpoint; a stage checkpoint; a saved "
+                       "model) to OUT: --format vlkit (default; every architecture; vlkit.from_pretrained) or "
+                       "--format llava (transformers' LlavaForConditionalGeneration + LlavaProcessor, for one "
+                       "CLIP ViT + linear/mlp2x_gelu projector + Hugging Face causal LM).")
+    p.add_argument("source", help="run folder, stage checkpoint or saved model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=["vlkit", "llava"], default="vlkit")
+    p.add_argument("--max-shard-size", default="5GB", help="weights beyond this are sharded (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("chat", help="multi-turn terminal chat with a model (/image PATH, /reset, /exit)",
+                       description="Chat with MODEL (run folder, stage checkpoint, saved or LLaVA-exported "
+                       "folder); answers stream as they are generated.")
+    p.add_argument("model", help="run folder, stage checkpoint, saved model or LLaVA folder")
+    p.add_argument("--image", help="attach this image to the conversation")
+    add_generation_arguments(p)
+    p.set_defaults(func=_cmd_chat, max_new_tokens=256)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models)",
+                       description="Serve MODEL over an OpenAI-compatible HTTP API (needs pip install "
+                       "'vlkit[serve]'). Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("model", help="run folder, stage checkpoint, saved model or LLaVA folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model id in the API (default: the folder's name)")
+    p.set_defaults(func=_cmd_serve)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

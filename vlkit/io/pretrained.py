@@ -102,8 +102,8 @@ def processor_settings(model: VLM) -> dict[str, Any]:
     return {
         "image_size": model.image_size,
         "num_image_tokens": model.num_image_tokens,
-        "resize_policy": getattr(model, "resize_policy", None) or getattr(processor, "resize_policy", None),
-        "pad": getattr(processor, "pad", None),
+        "resize_policy": getattr(processor, "resize_policy", None),
+        "pad_color": list(getattr(processor, "pad_color", None) or []) or None,
         "views": dataclasses.asdict(views) if views is not None else None,
         "encoders": encoders,
         "pixels": "RGB in [0, 1]; every encoder resizes (bicubic, antialiased) and normalises its own input",
