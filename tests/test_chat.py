@@ -26,6 +26,7 @@ def saved(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("chat")
     (folder / "tiny.yaml").write_text(TINY_RECIPE.format(demo=demo_dir))
+    torch.manual_seed(0)  # the same model whatever ran before
     model = build_model(vlkit.load_recipe(folder / "tiny.yaml"))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -73,13 +74,13 @@ def test_streaming_holds_back_stop_strings(saved: Path):
     img = saved.parent / "a.png"
     full = answer(model, [Image.open(img).convert("RGB")], ["Tell me"], GenerationOptions(max_new_tokens=10))[0]
     words = full.split()
-    assert len(words) >= 3
-    session = ChatSession(model, GenerationOptions(max_new_tokens=10, stop=[words[2]]))
+    assert len(words) >= 2
+    session = ChatSession(model, GenerationOptions(max_new_tokens=10, stop=[words[1]]))
     session.attach(img)
     shown: list[str] = []
     reply = session.reply("Tell me", shown.append)
-    assert reply == full[: full.find(words[2])].strip()
-    assert "".join(shown) == reply and words[2] not in "".join(shown)
+    assert reply == full[: full.find(words[1])].strip() and reply
+    assert "".join(shown) == reply and words[1] not in "".join(shown)
     assert session.messages[-1] == Message("assistant", reply)
 
 
@@ -89,7 +90,7 @@ def test_bad_image_keeps_the_chat_going(saved: Path):
     chat_loop(model, io.StringIO("/image /no/such.png\n/image\nHi\n"), out, options=GenerationOptions(max_new_tokens=3))
     text = out.getvalue()
     assert "[error: cannot read image /no/such.png" in text and "[usage: /image PATH]" in text
-    assert text.rstrip().endswith(answer(model, [None], ["Hi"], GenerationOptions(max_new_tokens=3))[0])
+    assert text.endswith(f"> {answer(model, [None], ['Hi'], GenerationOptions(max_new_tokens=3))[0]}\n> \n")
 
 
 def test_vlkit_chat_command(saved: Path):

@@ -171,3 +171,20 @@ def test_two_encoders_are_refused(tiny_recipe: Path, tmp_path: Path):
     model = build_model(recipe)
     with pytest.raises(CheckpointError, match="2 encoders"):
         export_llava(model, tmp_path / "out")
+
+
+def test_a_llava_folder_loads_back_into_vlkit(exported):
+    """Start from the exported checkpoint: vlkit.from_pretrained(LLaVA folder) computes the original's logits."""
+    model, out = exported
+    loaded = vlkit.from_pretrained(out)
+    vproc, lproc = model.processor(), loaded.processor()
+    img = noise((50, 33), 4)
+    batches = [p.collate([p.prompt_features([Message("user", QUESTION)], img)]) for p in (vproc, lproc)]
+    assert torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    torch.testing.assert_close(batches[1]["pixel_values"], batches[0]["pixel_values"], rtol=0, atol=0)
+    with torch.no_grad():
+        ours = model(batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["pixel_values"]).logits
+        back = loaded(batches[1]["input_ids"], batches[1]["attention_mask"], batches[1]["pixel_values"]).logits
+    vocab = ours.shape[-1]
+    assert back.shape[-1] == vocab + 1  # the <image> row
+    assert (back[..., :vocab] - ours).abs().max().item() <= 1e-5

@@ -296,3 +296,23 @@ def test_lora_on_smollm2_trains_only_adapters_and_projector_and_exports_to_peft(
     print(f"merged vs adapter logits: max |diff| = {diff:.2e} in float64, {fp32:.2e} in float32 "
           f"(logits up to {out.logits.abs().max().item():.1f})")
     assert diff <= 1e-4 and fp32 <= 1e-3
+
+
+def test_qlora_is_refused_at_validation_without_cuda(tiny_recipe: Path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = lora_recipe(tiny_recipe, "stages:\n  - {name: a, trainable: [fusion], max_steps: 1, lora: {r: 4}}\n",
+                       "q.yaml")
+    with pytest.raises(RecipeError, match=r"model\.llm\.load_in: .*`load_in: 4bit` .*needs a CUDA GPU"):
+        vlkit.load_recipe(path, ["model.llm.config=null", "model.llm.checkpoint=some/model",
+                                 "model.llm.load_in=4bit"])
+    with pytest.raises(RecipeError, match=r"model\.llm\.load_in: .*not `config` random init"):
+        vlkit.load_recipe(path, ["model.llm.load_in=8bit"])
+
+
+def test_llava_lora_recipe_passes_vlkit_config(capsys):
+    root = Path(__file__).resolve().parents[1]
+    assert main(["config", str(root / "recipes" / "llava_clip_mlp_lora.yaml")]) == 0
+    recipe = vlkit.load_recipe(root / "recipes" / "llava_clip_mlp_lora.yaml")
+    lora = recipe.stages[1].lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (128, 256, 0.05, "all-linear")
+    assert recipe.stages[1].trainable == ["fusion"] and recipe.stages[1].lrs == {"fusion": 2.0e-5}

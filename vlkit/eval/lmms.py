@@ -46,18 +46,14 @@ def manifest():
 
 
 def load_model(path: str | Path) -> Any:
-    """A run folder's latest model, or a saved model folder."""
+    """A run folder's latest model, or a saved model folder (through :func:`vlkit.from_pretrained`)."""
+    import vlkit
+
     path = Path(path)
-    if (path / "recipe.yaml").is_file() and any(path.glob("stage*-*/last")):
-        from vlkit.training.fit import load_run
-
-        return load_run(path)[1]
-    if (path / "config.json").is_file():
-        import vlkit
-
-        return vlkit.from_pretrained(path).eval()
-    raise CheckpointError(f"{path} is neither a vlkit run folder (recipe.yaml + stage checkpoints) nor a saved "
-                          "model (config.json): pass `pretrained=` one of those")
+    if not ((path / "recipe.yaml").is_file() or (path / "config.json").is_file()):
+        raise CheckpointError(f"{path} is neither a vlkit run folder (recipe.yaml + stage checkpoints) nor a "
+                              "saved model (config.json): pass `pretrained=` one of those")
+    return vlkit.from_pretrained(path).eval()
 
 
 def _rank_world() -> tuple[int, int]:

@@ -261,14 +261,19 @@ def export_llava(model: VLM, out: str | Path, *, max_shard_size: int | str = "5G
     """Write ``model`` as a transformers LLaVA folder (config, weights, processor, tokenizer, generation
     config); a CheckpointError says why a model cannot be."""
     from huggingface_hub import save_torch_state_dict
-    from transformers import CLIPVisionConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from vlkit.training.checkpoint import atomic_dir
 
-    key, encoder, spec = _check(model)
+    _, encoder, spec = _check(model)
     image_processor = _image_processor(model, encoder)
-    vision_cfg, vision_state, strategy = _VISION_EXPORTERS[getattr(type(encoder), "registered_name")](encoder)
+    vision_cfg, vision_state, strategy = _VISION_EXPORTERS[type(encoder).registered_name](encoder)
     llm = model.llm.model
     hidden = llm.get_input_embeddings().embedding_dim
     with tempfile.TemporaryDirectory() as tmp:
@@ -360,8 +365,11 @@ def llava_model_section(folder: str | Path) -> dict[str, Any]:
     if projector_act not in ("gelu", "linear") or not cfg.get("multimodal_projector_bias", True):
         raise CheckpointError(f"{where}: projector activation {projector_act!r} is not LLaVA's gelu (mlp2x_gelu) "
                               "or an identity (linear)")
-    pre = json.loads((folder / "preprocessor_config.json").read_text()) \
-        if (folder / "preprocessor_config.json").is_file() else {}
+    pre: dict[str, Any] = {}
+    if (folder / "processor_config.json").is_file():  # transformers >= 5: the image processor is nested
+        pre = json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
+    if not pre and (folder / "preprocessor_config.json").is_file():
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
     width = int(vision["hidden_size"])
     encoder = {
         "name": "clip",

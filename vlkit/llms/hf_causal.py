@@ -87,9 +87,15 @@ class HFCausalLM(LLM):
         """Allow model/tokenizer code from the checkpoint (passed to transformers only when true)."""
         gradient_checkpointing: bool = False
         """Recompute decoder activations in the backward pass (less memory, ~30% slower)."""
+        load_in: Literal["4bit", "8bit"] | None = None
+        """Quantize the pretrained weights at load (bitsandbytes; QLoRA: 4-bit NF4 with double quantization,
+        computing in ``dtype``, bfloat16 for ``auto``). Needs CUDA and ``pip install 'vlkit[quant]'``; the
+        quantized weights are frozen, so train LoRA adapters on the LLM (``lora: {parts: [llm]}``)."""
 
         def __post_init__(self) -> None:
             # Checked when the recipe is validated, before anything is loaded.
+            if self.load_in is not None:
+                _check_quantization(self)
             gguf_abs = self.gguf_file is not None and os.path.isabs(os.path.expanduser(self.gguf_file))
             if self.checkpoint is not None and self.config is not None:
                 raise RecipeError("set either `checkpoint` (pretrained weights) or `config` (random init), "
@@ -273,7 +279,31 @@ def _model_kwargs(args: HFCausalLM.Args, extra: dict[str, Any]) -> dict[str, Any
     kwargs: dict[str, Any] = {"dtype": _DTYPES.get(args.dtype, args.dtype), **extra}
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
+    if args.load_in is not None:
+        from transformers import BitsAndBytesConfig
+
+        compute = _DTYPES.get(args.dtype, torch.bfloat16)
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+            if args.load_in == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     return kwargs
+
+
+def _check_quantization(args: HFCausalLM.Args) -> None:
+    """``load_in`` needs pretrained (non-GGUF) weights, CUDA and bitsandbytes: refused with the fix otherwise."""
+    import importlib.util
+
+    where = f"{_KEY}.load_in"
+    if args.checkpoint is None or args.gguf_file is not None:
+        raise RecipeError("`load_in` quantizes a pretrained `checkpoint` (not `config` random init or a "
+                          "`gguf_file`)", where)
+    if not torch.cuda.is_available():
+        raise RecipeError(f"`load_in: {args.load_in}` (bitsandbytes quantization) needs a CUDA GPU and none is "
+                          "available; remove `load_in` to train LoRA on the full-precision LLM", where)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"`load_in: {args.load_in}` needs bitsandbytes: pip install 'vlkit[quant]'", where)
 
 
 def _random_init(args: HFCausalLM.Args, tokenizer: PreTrainedTokenizerBase,
