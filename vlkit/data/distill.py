@@ -41,16 +41,16 @@ from vlkit.data.reading import (
     Position,
     SampleSource,
     SkipReporter,
+    carry_errors,
     count_samples,
     data_loader,
-    error_batch,
     expand_urls,
     indexed_counts,
     reader_split,
     share,
     split_shards,
 )
-from vlkit.errors import DataError, RecipeError, VlkitError
+from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
 
 _VAL_TEXT_SEED = 7_919  # validation text never follows the training seeds
@@ -165,12 +165,7 @@ class _ValStream(IterableDataset):
         self.expected = expected
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        try:
-            yield from self._batches()
-        except VlkitError as exc:
-            if get_worker_info() is None:
-                raise
-            yield error_batch(exc)
+        return carry_errors(self._batches())
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -441,6 +441,17 @@ def error_batch(exc: VlkitError) -> dict[str, Any]:
     return {ERROR_KEY: str(exc)}
 
 
+def carry_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches``, ending with an :func:`error_batch` when a vlkit error is raised inside a loader worker
+    (the loader re-raises it as one line, without the worker's traceback); in the main process it propagates."""
+    try:
+        yield from batches
+    except VlkitError as exc:
+        if get_worker_info() is None:
+            raise
+        yield error_batch(exc)
+
+
 class EpochStream(TrainStream):
     """An endless stream of batches served in loader epochs of ``batches`` batches, split across
     ``workers`` loader workers ("logical workers": worker ``w`` streams its own share of the data).
@@ -499,13 +510,8 @@ class EpochStream(TrainStream):
             self._serving = logical
             self._gen = self._tagged(logical)
         gen = self._gen
-        try:
-            for _ in range(share(remaining, self.workers, worker) if workers > 1 else remaining):
-                yield next(gen)
-        except VlkitError as exc:
-            if get_worker_info() is None:
-                raise
-            yield error_batch(exc)
+        count = share(remaining, self.workers, worker) if workers > 1 else remaining
+        yield from carry_errors(next(gen) for _ in range(count))
 
     def _tagged(self, logical: int) -> Iterator[dict[str, Any]]:
         for batch, state in self._batches(logical, self.workers, self.positions.get(logical)):

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from vlkit.data.base import Dataset, EpochCounts, ShardSource
 from vlkit.data.conversation import Message, messages_from_llava
@@ -53,11 +53,11 @@ from vlkit.data.reading import (
     SampleSource,
     SkipReporter,
     answers,
+    carry_errors,
     check_conversations,
     count_samples,
     data_loader,
     decode_image,
-    error_batch,
     expand_urls,
     image_bytes,
     indexed_counts,
@@ -69,7 +69,7 @@ from vlkit.data.reading import (
     worker_info,
 )
 from vlkit.data.writing import SplitWriter, prepare_out_dir, sample_key, write_index
-from vlkit.errors import DataError, RecipeError, VlkitError
+from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS
 
 # former private names, still imported by the feature cache and tests
@@ -235,12 +235,7 @@ class _ValStream(IterableDataset):
         self.expected = expected
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        try:
-            yield from self._batches()
-        except VlkitError as exc:
-            if get_worker_info() is None:
-                raise
-            yield error_batch(exc)
+        return carry_errors(self._batches())
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         worker, workers = worker_info()
