@@ -51,4 +51,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["WEIGHTS", "read_weights", "write_weights"]
+def load_complete_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model``, failing unless every tensor is filled (a key missing from ``state`` is
+    fine when it shares storage with one that is loaded: tied weights). ``what`` starts the error message."""
+    expected = model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {expected[k].data_ptr() for k in state if k in expected}
+    missing = [k for k in missing if expected[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} "
+                              f"unexpected (e.g. {unexpected[:3]})")
+
+
+__all__ = ["WEIGHTS", "load_complete_state", "read_weights", "write_weights"]

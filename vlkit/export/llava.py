@@ -32,6 +32,7 @@ import torch
 
 from vlkit.data.conversation import IMAGE_PLACEHOLDER
 from vlkit.errors import CheckpointError
+from vlkit.weights import load_complete_state
 
 if TYPE_CHECKING:
     from torch import nn
@@ -451,12 +452,6 @@ def load_llava(folder: str | Path) -> VLM:
 
     folder = Path(folder)
     model = build_from_section(llava_model_section(folder))
-    state = llava_weights(model, folder)
-    expected = model.state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {expected[k].data_ptr() for k in state if k in expected}
-    missing = [k for k in missing if expected[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: the LLaVA weights do not fill the vlkit model: {len(missing)} missing "
-                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    load_complete_state(model, llava_weights(model, folder),
+                        f"{folder}: the LLaVA weights do not fill the vlkit model")
     return model.eval()

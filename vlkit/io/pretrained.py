@@ -27,6 +27,7 @@ from vlkit.config import RECIPE_DIR, DataConfig, ModelConfig, Recipe
 from vlkit.data.conversation import IMAGE_PLACEHOLDER
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.schema import to_dataclass
+from vlkit.weights import load_complete_state
 
 if TYPE_CHECKING:
     from torch import nn
@@ -239,13 +240,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{folder / name} is not a readable safetensors file ({exc}); the save may be "
                                   "incomplete") from None
-    expected = model.state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {expected[k].data_ptr() for k in state if k in expected}
-    missing = [k for k in missing if expected[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: the weights do not match the model of its {CONFIG}: {len(missing)} "
-                              f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    load_complete_state(model, state, f"{folder}: the weights do not match the model of its {CONFIG}")
 
 
 def load_saved(folder: str | Path) -> VLM:
