@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import Callback
 import vlkit
 from vlkit.cli import main
 from vlkit.errors import RecipeError
+from vlkit.export.lora import export_lora
 from vlkit.registry import DATASETS
 from vlkit.training.checkpoint import read_weights
 from vlkit.training.fit import load_run
-from vlkit.training.lora import adapted_parts, export_lora, sync_lora
+from vlkit.training.lora import adapted_parts, sync_lora
 from vlkit.training.stages import apply_trainable, count_parts
 
 LORA_STAGES = """\

@@ -259,7 +259,7 @@ def _cmd_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
-    from vlkit.training.lora import export_lora
+    from vlkit.export.lora import export_lora
 
     files = export_lora(args.run_dir, args.out, overwrite=args.overwrite)
     lines = [f"merged model (vlkit.from_pretrained): {files['model']}"]
