@@ -54,3 +54,20 @@ def tiny_recipe(demo_dir: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE.format(demo=demo_dir))
     return path
+
+
+@pytest.fixture()
+def crash_at():
+    """``crash_at(stage, step)``: a Lightning callback that raises ``RuntimeError("simulated crash")`` (a lost
+    machine) when the named stage is about to run its ``step``-th optimizer step."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Crash(Callback):
+        def __init__(self, stage: str, step: int) -> None:
+            self.stage, self.step = stage, step
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.stage.name == self.stage and trainer.global_step == self.step:
+                raise RuntimeError("simulated crash")
+
+    return Crash

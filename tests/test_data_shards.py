@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
@@ -162,6 +161,9 @@ def test_val_batches_left_padded_with_answers(demo_dir: Path, processor: VLMProc
     # one pass: iterating again gives the same batches
     again = list(ds.val_loader(processor))
     assert [b["__key__"] for b in again] == [b["__key__"] for b in batches]
+    # the answers-only reader (majority baselines, max_new_tokens) sees what the loader yields
+    pairs = [(t, a) for b in batches for t, a in zip(b["type"], b["answer"])]
+    assert sorted(pairs) == sorted(ds.iter_answers())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -251,7 +253,7 @@ def test_counts_without_index(demo_dir: Path, tmp_path: Path) -> None:
 def test_iter_answers(demo_dir: Path) -> None:
     val = dataset(demo_dir / "val-*.tar")
     pairs = list(val.iter_answers())
-    assert len(pairs) == 360 and all(isinstance(a, str) for _, a in pairs)
+    assert len(pairs) == 360
     assert len(list(val.iter_answers(limit=25))) == 25
     train = dataset(demo_dir / "train-000000.tar")
     pairs = list(train.iter_answers(limit=50))
@@ -277,7 +279,6 @@ def test_recipe_args_are_validated(demo_dir: Path) -> None:
     with pytest.raises(RecipeError, match=r"data\.train: batch_size must be at least 1"):
         DATASETS.parse_args({"name": "shards", "urls": "x.tar", "batch_size": 0}, "data.train")
     assert isinstance(dataset(demo_dir / "val-*.tar", tasks=["vqa"]), ShardDataset)
-    assert torch.utils.data.get_worker_info() is None
 
 
 # ------------------------------------------------------------------------------ corrupt shards at scale

@@ -32,5 +32,11 @@ def test_demo_recipe_trains_every_stage(name: str, demo_dir: Path, tmp_path: Pat
     assert main(["fit", str(recipe), *overrides, "--run-dir", "run"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [s["steps"] for s in summary["stages"]] == [2] * stages
-    assert summary["val"]["val/count"] == 8 and 0.0 <= summary["val"]["val/accuracy"] <= 1.0
+    val = summary["val"]
+    assert val["val/count"] == 8
+    # the per-type table adds up to the overall accuracy over the same 8 held-out samples
+    types = [k.removeprefix("val/count/") for k in val if k.startswith("val/count/")]
+    assert sum(val[f"val/count/{t}"] for t in types) == 8
+    assert sum(val[f"val/accuracy/{t}"] * val[f"val/count/{t}"] for t in types) == pytest.approx(
+        val["val/accuracy"] * 8)
     assert "final validation" in capsys.readouterr().out

@@ -19,17 +19,6 @@ from vlkit.cli import main
 from vlkit.errors import CheckpointError
 
 
-class Crash(Callback):
-    """Simulates a crash (e.g. a lost machine) at a given step of a given stage."""
-
-    def __init__(self, stage: str, step: int) -> None:
-        self.stage, self.step = stage, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 class Probe(Callback):
     """Records where a stage starts and its optimizer state at that point."""
 
@@ -41,11 +30,11 @@ class Probe(Callback):
         self.starts[pl_module.stage.name] = (trainer.global_step, state)
 
 
-def test_fit_resumes_from_the_last_checkpoint_with_optimizer_state(tiny_recipe: Path, tmp_path: Path):
+def test_fit_resumes_from_the_last_checkpoint_with_optimizer_state(tiny_recipe: Path, tmp_path: Path, crash_at):
     recipe = vlkit.load_recipe(tiny_recipe)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        vlkit.fit(recipe, run, callbacks=[Crash("tune", 3)])
+        vlkit.fit(recipe, run, callbacks=[crash_at("tune", 3)])
     assert (run / "stage0-align" / "done.json").exists()
     assert not (run / "stage1-tune" / "done.json").exists()
     saved = torch.load(run / "stage1-tune" / "last" / "state.pt", weights_only=True)
@@ -107,10 +96,13 @@ def test_cli_fit_validate_predict(tiny_recipe: Path, tmp_path: Path, capsys):
     questions.write_text(json.dumps({"image": str(img), "question": "What color is the square?"}) + "\n"
                          + json.dumps({"question": "How many shapes are there?"}) + "\n")
     out = tmp_path / "a.jsonl"
-    assert main(["predict", str(run), "--input", str(questions), "--out", str(out)]) == 0
+    assert main(["predict", str(run), "--input", str(questions), "--out", str(out), "--max-new-tokens", "3"]) == 0
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["question"] for a in answers] == ["What color is the square?", "How many shapes are there?"]
-    assert all(isinstance(a["answer"], str) for a in answers)
+    # the run's latest weights answer, with and without an image in one batch
+    expected = vlkit.from_pretrained(run).answer([Image.open(img).convert("RGB"), None],
+                                                 [a["question"] for a in answers], max_new_tokens=3)
+    assert [a["answer"] for a in answers] == expected
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     capsys.readouterr()

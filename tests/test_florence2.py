@@ -16,7 +16,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, Florence2ForConditionalGeneration
@@ -208,22 +207,13 @@ def test_gradients_reach_florence2_when_trainable_and_none_when_frozen(recipe_pa
     assert all(p.grad is not None for p in model.fusion.parameters())
 
 
-class CrashAt(Callback):
-    def __init__(self, stage: str, step: int) -> None:
-        self.stage, self.step = stage, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_fit_trains_florence2_in_stage1_only_and_resumes_across_stages(recipe_path: Path, folder: Path,
-                                                                        tmp_path: Path):
+                                                                        tmp_path: Path, crash_at):
     """Both stages through vlkit.fit: stage 1 changes Florence-2's weights (it really trains), stage 2 leaves
     them alone; a crash in stage 2 resumes there without redoing stage 1."""
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        vlkit.fit(vlkit.load_recipe(recipe_path), run, callbacks=[CrashAt("finetune", 2)])
+        vlkit.fit(vlkit.load_recipe(recipe_path), run, callbacks=[crash_at("finetune", 2)])
     assert (run / "stage0-pretrain" / "done.json").exists() and not (run / "stage1-finetune" / "done.json").exists()
     summary = vlkit.fit(vlkit.load_recipe(recipe_path), run)
     assert [s["stage"] for s in summary["stages"]] == ["pretrain", "finetune"]

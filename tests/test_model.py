@@ -130,6 +130,9 @@ def test_cpu_optimizer_is_fused_and_steps_like_the_default(model: vlkit.VLM, tin
 
 
 def test_generate_answers_questions(model: vlkit.VLM):
-    answers = model.answer([image(), None], ["What color is it?", "How many shapes are there?"],
-                           max_new_tokens=3)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    questions = ["What color is it?", "How many shapes are there?"]
+    answers = model.answer([image(), None], questions, max_new_tokens=3)
+    # a batch answers as its samples one at a time (left padding, the image-less row, per-row stopping)
+    assert answers == [model.answer([image()], questions[:1], max_new_tokens=3)[0],
+                       model.answer([None], questions[1:], max_new_tokens=3)[0]]
+    assert all(len(model.llm.tokenizer(a, add_special_tokens=False)["input_ids"]) <= 3 for a in answers)
