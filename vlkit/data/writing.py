@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vlkit.atomic import write_text
 from vlkit.data.reading import INDEX_FILE
 from vlkit.errors import DataError
 
@@ -126,9 +127,7 @@ class SplitWriter:
 
 def write_index(out: Path, index: dict[str, Any]) -> None:
     """Write ``index.json`` atomically (it marks the dataset complete, so write it last)."""
-    tmp = Path(out) / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(Path(out) / INDEX_FILE)
+    write_text(Path(out) / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 __all__ = ["SplitWriter", "prepare_out_dir", "sample_key", "write_index"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from vlkit.atomic import atomic_dir
 from vlkit.errors import CheckpointError
 from vlkit.io.pretrained import save_pretrained
-from vlkit.training.checkpoint import atomic_dir
 from vlkit.training.fit import load_run
 from vlkit.training.lora import _unload_target, adapted_parts, adapter_target, peft_adapter, unload
 

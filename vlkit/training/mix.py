@@ -24,9 +24,7 @@ unless ``overwrite``. Every output folder also gets ``mix.json`` recording the i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -37,8 +35,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from vlkit.atomic import atomic_dir, atomic_file
 from vlkit.errors import CheckpointError
-from vlkit.training.checkpoint import STATE, WEIGHTS, atomic_dir, latest_checkpoint
+from vlkit.training.checkpoint import STATE, WEIGHTS, latest_checkpoint
 
 HF_INDEX = "model.safetensors.index.json"
 MIX_INFO = "mix.json"
@@ -231,20 +230,6 @@ def _check_out(out: Path, sources: Sequence[WeightSource], overwrite: bool) -> N
         raise CheckpointError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def mix_weights(a: str | Path, b: str | Path, beta: float, out: str | Path,
                 only: str | Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write ``theta = beta * A + (1 - beta) * B`` to ``out``; return the path written.
@@ -288,7 +273,7 @@ def mix_weights(a: str | Path, b: str | Path, beta: float, out: str | Path,
                 del mixed
 
     if src_a.kind == "file" and out.suffix == ".safetensors":
-        with _atomic_file(out) as tmp_file:
+        with atomic_file(out) as tmp_file:
             write_files(lambda _: tmp_file)
         return out
 
