@@ -104,6 +104,29 @@ def test_per_part_learning_rates(model: vlkit.VLM, tiny_recipe: Path):
     assert all(lr_of[id(p)] == stage.lr for p in model.llm.parameters())
 
 
+@pytest.mark.parametrize("schedule, floor, expected", [
+    # step:            0     1     2 (warmup ends)            6 (half of the decay)       10 (last)
+    ("cosine", 0.1, {0: 0.1, 1: 0.55, 2: 1.0, 6: 0.1 + 0.9 * 0.5, 10: 0.1}),
+    ("linear", 0.0, {0: 0.0, 1: 0.5, 2: 1.0, 6: 0.5, 10: 0.0}),
+    ("constant", 0.0, {0: 0.0, 1: 0.5, 2: 1.0, 6: 1.0, 10: 1.0}),
+])
+def test_warmup_then_schedule_per_optimizer_step(model: vlkit.VLM, tiny_recipe: Path, schedule: str,
+                                                 floor: float, expected: dict[int, float]):
+    stage = vlkit.load_recipe(tiny_recipe, ["stages.1.max_steps=10", "stages.1.warmup=2", "stages.1.lr=0.01",
+                                            f"stages.1.schedule={schedule}", f"stages.1.min_lr_ratio={floor}"]
+                              ).stages[1]
+    apply_trainable(model, stage)
+    opt, scheduler = build_optimizer(model, stage)
+    seen = {}
+    for step in range(11):
+        seen[step] = opt.param_groups[0]["lr"] / 0.01
+        opt.step()
+        scheduler.step()
+    assert {k: seen[k] for k in expected} == pytest.approx(expected)
+    after_warmup = [seen[k] for k in range(2, 11)]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # never rises again
+
+
 def test_cpu_optimizer_is_fused_and_steps_like_the_default(model: vlkit.VLM, tiny_recipe: Path):
     stage = vlkit.load_recipe(tiny_recipe, ["stages.1.weight_decay=0.1"]).stages[1]
     apply_trainable(model, stage)

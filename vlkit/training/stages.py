@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,23 +73,18 @@ def param_groups(model: nn.Module, stage: StageConfig) -> list[dict]:
             for (lr, decay), ps in groups.items()]
 
 
-def lr_lambda(stage: StageConfig):
-    """Multiplier of the base learning rate at optimizer step ``step``: linear warmup, then the schedule."""
-    total = stage.max_steps
-    warmup = int(stage.warmup * total) if stage.warmup < 1 else int(stage.warmup)
-    floor = stage.min_lr_ratio
+def build_scheduler(opt: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedules (as LLaVA's HF-Trainer recipes use them): linear warmup over ``warmup`` steps
+    (from 0, or from ``min_lr_ratio``), then cosine or linear decay to ``min_lr_ratio`` at ``max_steps``, or
+    constant."""
+    from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
 
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if stage.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if stage.schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+    warmup = int(stage.warmup * stage.max_steps) if stage.warmup < 1 else int(stage.warmup)
+    if stage.schedule == "constant":
+        return get_constant_schedule_with_warmup(opt, warmup)
+    return get_wsd_schedule(opt, num_warmup_steps=warmup, num_stable_steps=0,
+                            num_decay_steps=max(1, stage.max_steps - warmup), decay_type=stage.schedule,
+                            min_lr_ratio=stage.min_lr_ratio)
 
 
 @dataclass
@@ -143,7 +137,7 @@ def build_optimizer(model: nn.Module, stage: StageConfig) -> tuple[torch.optim.O
     groups = param_groups(model, stage)
     params = [p for group in groups for p in group["params"]]
     opt = torch.optim.AdamW(groups, betas=tuple(stage.betas), fused=_fusable(params) or None)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage))
+    return opt, build_scheduler(opt, stage)
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
