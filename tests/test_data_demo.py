@@ -17,7 +17,8 @@ from vlkit.data.conversation import (
     get_template,
     tokenize_conversation,
 )
-from vlkit.data.demo import ANSWERS, QUESTION_TYPES, build_demo
+from vlkit.data.demo import build_demo
+from vlkit.data.scenes import ANSWERS, QUESTION_TYPES
 from vlkit.data.shards import ShardDataset, iter_tar_samples
 from vlkit.errors import DataError
 

@@ -15,9 +15,10 @@ from transformers import AutoTokenizer
 
 import vlkit
 from vlkit.data.conversation import IGNORE_INDEX, get_template
-from vlkit.data.demo import COLORS, SHAPES, Scene, Shape, build_demo, draw_scene, object_box
+from vlkit.data.demo import build_demo
 from vlkit.data.mix import INSTRUCTIONS, MixDataset
 from vlkit.data.processor import VLMProcessor
+from vlkit.data.scenes import COLORS, SHAPES, Scene, Shape, draw_scene, object_box
 from vlkit.data.shards import iter_tar_samples
 from vlkit.errors import DataError, RecipeError
 from vlkit.registry import DATASETS

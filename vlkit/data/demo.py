@@ -38,41 +38,36 @@ import json
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from vlkit.data.scenes import (
+    ANSWERS,
+    BOX_TYPE,
+    CAPTION_QUESTION,
+    COLORS,
+    DIGIT_QUESTION,
+    SCENE_TYPES,
+    SHAPES,
+    Scene,
+    box_answer,
+    caption,
+    draw_digit,
+    draw_scene,
+    load_digits,
+    object_box,
+    random_scene,
+    scene_question,
+    split_digits,
+    val_scene,
+    with_article,
+)
 from vlkit.data.shards import INDEX_FILE, SplitWriter, prepare_out_dir, write_index
 from vlkit.errors import DataError
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 225),
-    "yellow": (235, 195, 0),
-    "purple": (140, 50, 190),
-    "orange": (255, 125, 0),
-}
-POSITIONS: tuple[str, ...] = ("left", "middle", "right")
-COUNTS: tuple[str, ...] = ("one", "two", "three")
-SCENE_TYPES: tuple[str, ...] = ("color", "shape", "count", "presence", "position")
-QUESTION_TYPES: tuple[str, ...] = (*SCENE_TYPES, "digit")
-ANSWERS: dict[str, tuple[str, ...]] = {
-    "color": tuple(COLORS),
-    "shape": SHAPES,
-    "count": COUNTS,
-    "presence": ("yes", "no"),
-    "position": POSITIONS,
-    "digit": tuple(str(d) for d in range(10)),
-}
-"""Every possible answer of each question type."""
-BOX_TYPE = "box"
-"""Task and question type of the box samples."""
-DIGIT_QUESTION = "What digit is this?"
-CAPTION_QUESTION = "Describe the image."
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -81,209 +76,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message."""
-def _a(word: str) -> str:
-    """``word`` with its indefinite article: ``a red``, ``an orange``."""
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
-
-
-_PLACE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-_SUPERSAMPLE = 2
-
-
-# ---------------------------------------------------------------------------------------------- scenes
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One object of a scene: its shape, colour and horizontal third (0 left, 1 middle, 2 right)."""
-
-    shape: str
-    color: str
-    slot: int
-
-    @property
-    def position(self) -> str:
-        return POSITIONS[self.slot]
-
-
-@dataclass
-class Scene:
-    """1-3 shapes with distinct (shape, colour) pairs, one per third; ``geometry`` jitters the drawing."""
-
-    objects: list[Shape]
-    geometry: list[tuple[float, float, float]] = field(default_factory=list)
-    """Per object: (x jitter, vertical centre, size), as fractions of the image size."""
-
-    def combos(self) -> set[tuple[str, str]]:
-        return {(o.shape, o.color) for o in self.objects}
-
-
-def _scene(rng: random.Random, n: int, required: tuple[str, str] | None = None,
-           required_slot: int | None = None, allow: Any = None) -> Scene:
-    """A random scene of ``n`` objects, containing ``required`` (at ``required_slot`` if given); every
-    other object satisfies ``allow(shape, color)``."""
-    combos = [(s, c) for s in SHAPES for c in COLORS
-              if (s, c) != required and (allow is None or allow(s, c))]
-    picked = ([required] if required else []) + rng.sample(combos, n - (1 if required else 0))
-    if required is not None and required_slot is not None:
-        slots = [required_slot, *rng.sample([s for s in range(3) if s != required_slot], n - 1)]
-    else:
-        slots = rng.sample(range(3), n)
-    objects = [Shape(s, c, slot) for (s, c), slot in zip(picked, slots)]
-    geometry = [(rng.uniform(-0.02, 0.02), rng.uniform(0.3, 0.7), rng.uniform(0.24, 0.3)) for _ in objects]
-    order = sorted(range(n), key=lambda i: objects[i].slot)
-    return Scene([objects[i] for i in order], [geometry[i] for i in order])
-
-
-def draw_scene(scene: Scene, size: int = 64) -> Image.Image:
-    """Render a scene (drawn at 2x and downsampled, so edges are smooth)."""
-    big = size * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for obj, (dx, cy, s) in zip(scene.objects, scene.geometry):
-        x = ((obj.slot + 0.5) / 3 + dx) * big
-        y = cy * big
-        r = s * big / 2
-        fill = COLORS[obj.color]
-        if obj.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif obj.shape == "square":
-            q = r * 0.86
-            draw.rectangle((x - q, y - q, x + q, y + q), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
-        elif obj.shape == "cross":
-            t = r * 0.36
-            draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
-            draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
-        else:  # pragma: no cover - SHAPES is fixed
-            raise ValueError(obj.shape)
-    return image.resize((size, size), Image.Resampling.BOX)
-
-
-def caption(scene: Scene) -> str:
-    """``a red circle on the left, an orange square in the middle and a green cross on the right.``"""
-    parts = [f"{_a(o.color)} {o.shape} {_PLACE[o.position]}" for o in scene.objects]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return text + "."
-
-
-def object_box(scene: Scene, index: int) -> tuple[float, float, float, float]:
-    """``(x0, y0, x1, y1)`` of object ``index`` as :func:`draw_scene` draws it, normalised to [0, 1]."""
-    obj = scene.objects[index]
-    dx, cy, s = scene.geometry[index]
-    x, y, r = (obj.slot + 0.5) / 3 + dx, cy, s / 2
-    if obj.shape == "square":
-        box = (x - 0.86 * r, y - 0.86 * r, x + 0.86 * r, y + 0.86 * r)
-    elif obj.shape == "triangle":
-        box = (x - r, y - r, x + r, y + 0.8 * r)
-    else:  # circle, cross
-        box = (x - r, y - r, x + r, y + r)
-    return tuple(min(1.0, max(0.0, v)) for v in box)  # type: ignore[return-value]
-
-
-def box_answer(box: tuple[float, float, float, float]) -> str:
-    """``[0.05, 0.31, 0.30, 0.58]``: the answer format of the box task."""
-    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
-
-
-def _question(kind: str, scene: Scene, rng: random.Random, answer: str | None = None) -> tuple[str, str] | None:
-    """A (question, answer) of type ``kind`` about ``scene`` (None if the scene cannot support one).
-    ``answer`` forces the presence answer (``yes``/``no``)."""
-    objs = scene.objects
-    if kind == "color":
-        shapes = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        if not shapes:
-            return None
-        o = rng.choice(shapes)
-        return f"What color is the {o.shape}?", o.color
-    if kind == "shape":
-        colors = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
-        if not colors:
-            return None
-        o = rng.choice(colors)
-        return f"What shape is the {o.color} object?", o.shape
-    if kind == "count":
-        return "How many shapes are there?", COUNTS[len(objs) - 1]
-    if kind == "presence":
-        yes = (rng.random() < 0.5) if answer is None else answer == "yes"
-        if yes:
-            o = rng.choice(objs)
-            return f"Is there {_a(o.color)} {o.shape}?", "yes"
-        s, c = rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in scene.combos()])
-        return f"Is there {_a(c)} {s}?", "no"
-    if kind == "position":
-        o = rng.choice(objs)
-        return f"Where is the {o.color} {o.shape}?", o.position
-    raise ValueError(kind)
-
-
-def _val_scene(kind: str, j: int, rng: random.Random) -> tuple[Scene, str, str]:
-    """The ``j``-th validation scene of type ``kind``; answers cycle so every answer is equally frequent."""
-    answers = ANSWERS[kind]
-    answer = answers[j % len(answers)]
-    n = rng.randint(1, 3)
-    if kind == "color":
-        s = rng.choice(SHAPES)
-        scene = _scene(rng, n, (s, answer), allow=lambda s2, c2: s2 != s)
-        return scene, f"What color is the {s}?", answer
-    if kind == "shape":
-        c = rng.choice(list(COLORS))
-        scene = _scene(rng, n, (answer, c), allow=lambda s2, c2: c2 != c)
-        return scene, f"What shape is the {c} object?", answer
-    if kind == "count":
-        scene = _scene(rng, COUNTS.index(answer) + 1)
-        return scene, "How many shapes are there?", answer
-    if kind == "presence":
-        s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
-        if answer == "yes":
-            scene = _scene(rng, n, (s, c))
-        else:
-            scene = _scene(rng, n, allow=lambda s2, c2: (s2, c2) != (s, c))
-        return scene, f"Is there {_a(c)} {s}?", answer
-    if kind == "position":
-        s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
-        scene = _scene(rng, n, (s, c), required_slot=POSITIONS.index(answer))
-        return scene, f"Where is the {c} {s}?", answer
-    raise ValueError(kind)
-
-
-# ---------------------------------------------------------------------------------------------- digits
-
-
-def _digits() -> tuple[Any, Any]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images, d.target
-
-
-def draw_digit(pixels: Any, size: int = 64, shift: tuple[int, int] = (0, 0)) -> Image.Image:
-    """An 8x8 scikit-learn digit (0..16 ink) as a dark digit on white, greyscale, upscaled to ``size``
-    with nearest-neighbour (crisp blocks: every original pixel kept), optionally shifted by ``shift``."""
-    import numpy as np
-
-    grey = (255 - np.clip(np.asarray(pixels, dtype=np.float64), 0, 16) * (255 / 16)).round().astype(np.uint8)
-    up = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.NEAREST)
-    if shift != (0, 0):
-        canvas = Image.new("L", (size, size), 255)
-        canvas.paste(up, shift)
-        up = canvas
-    return up
-
-
-def _split_digits(targets: Any, n_val: int, seed: int) -> tuple[list[int], list[int]]:
-    """Held-out digit indices (``n_val``, balanced over the 10 classes) and the training indices."""
-    order = list(range(len(targets)))
-    random.Random(f"vlkit-digits:{seed}").shuffle(order)
-    val: list[int] = []
-    by_class: dict[int, list[int]] = {d: [i for i in order if int(targets[i]) == d] for d in range(10)}
-    for j in range(n_val):
-        d = j % 10
-        if by_class[d]:
-            val.append(by_class[d].pop(0))
-    held = set(val)
-    return val, [i for i in order if i not in held]
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -300,7 +92,7 @@ def _grammar_texts() -> Iterable[str]:
     for s in SHAPES:
         yield f"What color is the {s}?"
         for c in COLORS:
-            yield f"What shape is the {c} object? Is there {_a(c)} {s}? Where is the {c} {s}?"
+            yield f"What shape is the {c} object? Is there {with_article(c)} {s}? Where is the {c} {s}?"
     yield "a red circle on the left, a blue square in the middle and a green cross on the right."
 
 
@@ -394,7 +186,7 @@ def _train_samples(rng: random.Random, scenes: int, digit_ids: list[int], target
                    caption_every: int, image_size: int) -> list[_Sample]:
     samples: list[_Sample] = []
     for i in range(scenes):
-        scene = _scene(rng, rng.randint(1, 3))
+        scene = random_scene(rng, rng.randint(1, 3))
         if caption_every and i % caption_every == 0:
             meta = {"conversations": _conversation([(CAPTION_QUESTION, caption(scene))]), "type": "caption",
                     "task": "caption"}
@@ -405,7 +197,7 @@ def _train_samples(rng: random.Random, scenes: int, digit_ids: list[int], target
             turns: list[tuple[str, str]] = []
             types: list[str] = []
             for kind in kinds:
-                qa = _question(kind, scene, rng)
+                qa = scene_question(kind, scene, rng)
                 if qa is not None and len(turns) < k:
                     turns.append(qa)
                     types.append(kind)
@@ -426,7 +218,7 @@ def _val_samples(rng: random.Random, per_type: int, digit_ids: list[int], target
     samples: list[_Sample] = []
     for kind in SCENE_TYPES:
         for j in range(per_type):
-            scene, question, answer = _val_scene(kind, j, rng)
+            scene, question, answer = val_scene(kind, j, rng)
             meta = {"conversations": _conversation([(question, answer)]), "type": kind, "task": "vqa"}
             samples.append(_Sample(f"{kind}{j:06d}", meta, scene=scene))
     for idx in digit_ids:
@@ -441,7 +233,7 @@ def _box_samples(rng: random.Random, n: int, prefix: str) -> list[_Sample]:
     """``n`` box-task samples: a scene and "Where is the {colour} {shape}?" -> its normalised box."""
     samples: list[_Sample] = []
     for i in range(n):
-        scene = _scene(rng, rng.randint(1, 3))
+        scene = random_scene(rng, rng.randint(1, 3))
         j = rng.randrange(len(scene.objects))
         o = scene.objects[j]
         turns = [(f"Where is the {o.color} {o.shape}?", box_answer(object_box(scene, j)))]
@@ -518,9 +310,9 @@ def build_demo(out: str | Path, train_scenes: int = 20000, val_scenes: int = 150
     start = time.time()
     out = prepare_out_dir(out, overwrite)
     rng = random.Random(f"vlkit-demo:{seed}")
-    images, targets = _digits()
+    images, targets = load_digits()
     per_type = val_scenes // 5
-    val_digits, train_digits = _split_digits(targets, min(per_type, 600), seed)
+    val_digits, train_digits = split_digits(targets, min(per_type, 600), seed)
     caption_every = round(1 / caption_fraction) if caption_fraction > 0 else 0
     train = _train_samples(rng, train_scenes, train_digits, targets, digit_repeats, caption_every, image_size)
     val = _val_samples(rng, per_type, val_digits, targets)
@@ -587,7 +379,7 @@ def write_samples(folder: Path, rng: random.Random, image_size: int = 64) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for kind in SCENE_TYPES:
-        scene, question, answer = _val_scene(kind, rng.randrange(len(ANSWERS[kind])), rng)
+        scene, question, answer = val_scene(kind, rng.randrange(len(ANSWERS[kind])), rng)
         name = f"{kind}.png"
         draw_scene(scene, image_size).save(folder / name)
         lines.append(json.dumps({"image": name, "question": question, "expected": answer}))
@@ -604,6 +396,5 @@ def _progress(enabled: bool) -> Any:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
-__all__ = ["ANSWERS", "BOX_TYPE", "CHAT_TEMPLATE", "COLORS", "POSITIONS", "QUESTION_TYPES", "SHAPES", "Scene",
-           "Shape", "box_answer", "build_demo", "build_tokenizer", "caption", "check_tokenizer", "draw_digit",
-           "draw_scene", "object_box"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_demo", "build_tokenizer", "check_tokenizer", "existing_demo",
+           "write_samples"]
