@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ from vlkit import build_model, load_recipe
 from vlkit.cli import main
 from vlkit.data.feature_cache import CacheReader, build_cache, fingerprint, shard_folder
 from vlkit.data.shards import expand_urls
-from vlkit.errors import DataError
+from vlkit.errors import DataError, RecipeError
 from vlkit.training.fit import fit
 
 
@@ -40,7 +42,9 @@ DROPOUT = [f"model.encoders=[{{name: dinov2, config: {DINO}}}]", "model.llm.conf
 the second): from pixels the frozen encoder must run as the cache encoded, in eval mode."""
 
 
-@pytest.mark.parametrize("overrides", [[], DROPOUT], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("overrides", [[], DROPOUT, pytest.param(["trainer.precision=bf16-mixed"],
+                                                                  marks=pytest.mark.slow)],
+                         ids=["no-dropout", "dropout", "bf16-mixed"])
 def test_training_from_the_cache_matches_training_from_pixels(tiny_recipe: Path, tmp_path: Path, capsys,
                                                               overrides: list[str]):
     cache = tmp_path / "cache"
@@ -236,3 +240,86 @@ def test_processes_building_one_cache_at_once_encode_each_shard_once(tiny_recipe
     for url in shards:
         key, files = next((k, f) for k, f in iter_tar_samples(url) if _image_bytes(f) is not None)
         assert reader.lookup(url, key, _image_bytes(files)).streams.keys() == {"clip.tokens"}
+
+
+def _one_shard(recipe_path: Path) -> list[str]:
+    return [f"data.train.urls={load_recipe(recipe_path).data.train['urls'].replace('{000000..000003}', '000000')}"]
+
+
+def test_the_fingerprint_covers_precision_format_and_library_versions(tiny_recipe: Path, tmp_path: Path,
+                                                                      monkeypatch, capsys):
+    recipe = load_recipe(tiny_recipe, _one_shard(tiny_recipe))
+    model = build_model(recipe)
+    fp32 = fingerprint(recipe, model)
+    assert fingerprint(recipe, model, "32-true") == fp32
+    assert fingerprint(recipe, model, "bf16-mixed") == fingerprint(recipe, model, "bf16") != fp32
+    with pytest.raises(RecipeError, match="the feature cache encodes in 32-true, bf16-mixed, 16-mixed, not "
+                                          "'transformer-engine'"):
+        fingerprint(recipe, model, "transformer-engine")
+    from vlkit.data.feature_cache import FORMAT, describe
+
+    desc = describe(recipe, model)
+    assert desc["format"] == FORMAT and desc["precision"] == "32-true"
+    assert desc["libraries"] == {n: importlib.metadata.version(n) for n in ("torch", "vlkit", "open_clip_torch")}
+    shards = recipe.data.train["urls"]
+    first = build_cache(recipe, model, [shards], tmp_path / "cache", show_progress=False)
+    real = importlib.metadata.version
+    for library in ("open_clip_torch", "torch"):  # the encoder's library, torch: an upgrade -> a new cache
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name, lib=library: "99.0" if name == lib else real(name))
+        assert fingerprint(recipe, model) != fp32
+        reader = build_cache(recipe, model, [shards], tmp_path / "cache")  # rebuilt, saying why
+        assert reader.folder != first.folder and (reader.folder / "fingerprint.json").is_file()
+        err = capsys.readouterr().err
+        assert f"libraries.{library}: {real(library)} -> 99.0" in " ".join(err.split()), err
+        monkeypatch.setattr(importlib.metadata, "version", real)
+    assert fingerprint(recipe, model) == fp32
+
+
+def test_a_bf16_mixed_cache_holds_what_the_encoders_compute_under_bf16_autocast(tiny_recipe: Path,
+                                                                               tmp_path: Path):
+    recipe = load_recipe(tiny_recipe, _one_shard(tiny_recipe))
+    model = build_model(recipe).eval()
+    shard = recipe.data.train["urls"]
+    fp32 = build_cache(recipe, model, [shard], tmp_path / "cache", show_progress=False)
+    bf16 = build_cache(recipe, model, [shard], tmp_path / "cache", show_progress=False, precision="bf16-mixed")
+    assert fp32.folder != bf16.folder
+    index = json.loads((shard_folder(bf16.folder, shard) / "index.json").read_text())
+    assert index["precision"] == "bf16-mixed" and index["device"] == "cpu"
+    from vlkit.data.shards import _decode_image, _image_bytes, iter_tar_samples
+
+    processor = model.processor()
+    checked = 0
+    for key, files in iter_tar_samples(shard):
+        if _image_bytes(files) is None:
+            continue
+        a = fp32.lookup(shard, key, _image_bytes(files)).streams["clip.tokens"]
+        b = bf16.lookup(shard, key, _image_bytes(files)).streams["clip.tokens"]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fresh = model.image_streams(processor.pixels(_decode_image(files))[None])["clip.tokens"]
+        assert a.dtype == torch.float32 and b.dtype == fresh.dtype == torch.bfloat16
+        assert torch.equal(b, fresh)  # exactly what the training step computes from pixels under bf16-mixed
+        assert not torch.equal(b.float(), a)
+        torch.testing.assert_close(b.float(), a, rtol=0.03, atol=0.03)  # close to the fp32 features
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5
+
+
+def test_cache_features_on_a_device(tiny_recipe: Path, tmp_path: Path, capsys):
+    one = _one_shard(tiny_recipe)
+    assert main(["cache-features", str(tiny_recipe), *one, "--out", str(tmp_path / "c"), "--device", "cpu",
+                 "trainer.precision=bf16-mixed"]) == 0
+    assert "(on cpu, precision bf16-mixed)" in " ".join(capsys.readouterr().out.split())
+    (index,) = (tmp_path / "c").glob("*/*/index.json")
+    assert json.loads(index.read_text())["device"] == "cpu"
+    if torch.cuda.is_available():
+        return
+    assert main(["cache-features", str(tiny_recipe), *one, "--out", str(tmp_path / "c"), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    assert main(["cache-features", str(tiny_recipe), *one, "--out", str(tmp_path / "c"),
+                 "trainer.accelerator=gpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trainer.accelerator: the recipe trains on gpu but no CUDA GPU is available here" in err
+    assert "--device cpu" in err

@@ -96,7 +96,7 @@ def test_bad_options_are_refused(kwargs, match):
         GenerationOptions(**kwargs)
 
 
-def test_holistic_models_decode_greedily_only(demo_dir: Path, tmp_path: Path):
+def test_holistic_models_decode_greedily_or_sample(demo_dir: Path, tmp_path: Path):
     import shutil
 
     root = Path(__file__).resolve().parents[1]
@@ -107,5 +107,7 @@ def test_holistic_models_decode_greedily_only(demo_dir: Path, tmp_path: Path):
     imgs = images(2)
     greedy = answer(hovle, imgs, QUESTIONS[:2], GenerationOptions(max_new_tokens=4))
     assert greedy == hovle.answer(imgs, QUESTIONS[:2], max_new_tokens=4)
-    with pytest.raises(GenerationError, match="greedy only"):
-        answer(hovle, imgs, QUESTIONS[:2], GenerationOptions(temperature=1.0))
+    hot = GenerationOptions(max_new_tokens=4, temperature=1.0, seed=0)  # sampling is seeded (issue 16)
+    assert answer(hovle, imgs, QUESTIONS[:2], hot) == answer(hovle, imgs, QUESTIONS[:2], hot)
+    with pytest.raises(GenerationError, match="beam search"):
+        answer(hovle, imgs, QUESTIONS[:2], GenerationOptions(num_beams=2))

@@ -141,3 +141,65 @@ def test_export_cli_from_a_run_folder_and_a_stage_checkpoint(tiny_recipe: Path, 
     torch.testing.assert_close(logits(vlkit.from_pretrained(last_stage)), reference, rtol=0, atol=0)
     first_stage = sorted(run.glob("stage*-*/last"))[0]
     assert not torch.equal(logits(vlkit.from_pretrained(first_stage)), reference)  # the earlier stage's weights
+
+
+@pytest.mark.slow
+def test_a_lora_run_loads_merged(tiny_recipe: Path, tmp_path: Path):
+    """from_pretrained on a run / stage checkpoint whose stage holds LoRA adapters: the adapters merged, the
+    trained module's logits; exporting it writes a plain saved model."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Keep(Callback):
+        def on_train_end(self, trainer, pl_module):
+            model = pl_module.model.eval()
+            self.logits = logits(model)
+            self.adapters = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+            model.train()
+
+    keep = Keep()
+    recipe = vlkit.load_recipe(tiny_recipe, [
+        "stages=[{name: adapt, trainable: [fusion], lr: 1.0e-2, max_steps: 2, warmup: 0, "
+        "lora: {parts: [llm], r: 4, alpha: 8, dropout: 0.0}}]", "data.val=null"])
+    run = tmp_path / "run"
+    vlkit.fit(recipe, run, callbacks=[keep])
+    assert keep.adapters > 0
+    for source in (run, run / "stage0-adapt" / "last"):
+        merged = vlkit.from_pretrained(source)
+        assert not merged.training and not [n for n, _ in merged.named_parameters() if "lora_" in n]
+        torch.testing.assert_close(logits(merged), keep.logits, rtol=0, atol=1e-5)
+    assert main(["export", str(run), "--out", str(tmp_path / "saved")]) == 0
+    torch.testing.assert_close(logits(vlkit.from_pretrained(tmp_path / "saved")), keep.logits, rtol=0, atol=1e-5)
+
+
+def test_predict_takes_the_generation_flags(tiny_recipe: Path, tmp_path: Path, capsys):
+    """`vlkit predict` on a saved model with the flags chat and serve take (vlkit.generation)."""
+    from vlkit.generation import GenerationOptions, answer
+
+    model = perturbed(build_model(vlkit.load_recipe(tiny_recipe)), seed=3)
+    saved = model.save_pretrained(tmp_path / "saved")
+    image(5).save(tmp_path / "x.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": "x.png", "question": "What colour is the circle?"}) + "\n"
+                         + json.dumps({"question": "How many shapes are there?"}) + "\n")
+    imgs = [Image.open(tmp_path / "x.png").convert("RGB"), None]
+    texts = ["What colour is the circle?", "How many shapes are there?"]
+
+    def predict(*flags: str) -> list[str]:
+        out = tmp_path / "a.jsonl"
+        assert main(["predict", str(saved), "--input", str(questions), "--out", str(out), *flags]) == 0
+        return [json.loads(line)["answer"] for line in out.read_text().splitlines()]
+
+    greedy = predict("--max-new-tokens", "4")
+    assert greedy == answer(model, imgs, texts, GenerationOptions(max_new_tokens=4))
+    sampled = predict("--max-new-tokens", "5", "--temperature", "1.5", "--top-p", "0.9", "--seed", "11",
+                      "--batch-size", "1")
+    options = GenerationOptions(max_new_tokens=5, temperature=1.5, top_p=0.9, seed=11)
+    assert sampled == [answer(model, [i], [t], options)[0] for i, t in zip(imgs, texts)]
+    full = predict("--max-new-tokens", "6")
+    words = full[0].split()
+    assert len(words) > 1
+    stop = words[1]  # a stop string cuts the answer before it
+    assert predict("--max-new-tokens", "6", "--stop", stop)[0] == full[0][: full[0].find(stop)].strip()
+    capsys.readouterr()
+    assert main(["predict", str(saved), "--question", "Hi?", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

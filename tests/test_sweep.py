@@ -223,3 +223,115 @@ def test_cells_names_folders_and_dry_run(tiny_recipe: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert out.count("to run") == 2 and "fusion=linear" in out
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ ranking by any metric; lmms-eval scores
+
+
+def _finish(run, val: dict, lmms: dict | None = None, spec: dict | None = None) -> None:
+    """Make ``run`` look trained (summary.json) and, with ``lmms``, evaluated by ``vlkit eval``."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "summary.json").write_text(json.dumps({"val": val, "seconds": 1.0}))
+    if lmms is not None:
+        (run.run_dir / "lmms").mkdir()
+        (run.run_dir / "lmms" / "results.json").write_text(json.dumps({"results": lmms}))
+        (run.run_dir / "lmms" / "sweep_eval.json").write_text(json.dumps(spec))
+
+
+def test_rank_by_orders_cells_by_a_val_metric_or_an_lmms_eval_score(tiny_recipe: Path, tmp_path: Path):
+    import dataclasses
+
+    from vlkit.sweep import collect_results, lmms_metrics, rank_cells, write_reports
+
+    assert lmms_metrics({"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1,
+                               "acc,strict": 0.25}}) == {"lmms/t/exact_match": 0.5, "lmms/t/acc,strict": 0.25}
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    sweep_file = _write_sweep(tmp_path / "s.yaml", tiny_recipe, grid={"model.fusion.projector": ["linear", "mlp2x_gelu",
+                                                                                                 "mlp3x_gelu"]},
+                              rank_by="lmms/vqa/exact_match", eval={"tasks": ["vqa"], "limit": 8,
+                                                                    "include_path": "tasks"})
+    sweep = load_sweep(sweep_file)
+    assert sweep.eval.include_path == str(tasks)
+    spec = dataclasses.asdict(sweep.eval)
+    scores = {"projector=linear": (0.2, 0.9, 1.5), "projector=mlp2x_gelu": (0.6, 0.4, 0.5)}
+    for run in sweep.runs:
+        if run.cell.name in scores:
+            acc, em, loss = scores[run.cell.name]
+            _finish(run, {"val/accuracy": acc, "val/anls": acc / 2, "val/baseline_anls": 0.1, "val/loss": loss},
+                    {"vqa": {"exact_match,none": em}}, spec)
+    _finish(sweep.runs[2], {"val/accuracy": 0.99})  # trained, but its lmms-eval scores are missing: not done
+    results = collect_results(sweep)
+    assert [r.status for r in results] == ["ok", "ok", "pending"]
+    assert results[0].metrics["lmms/vqa/exact_match"] == 0.9
+    assert [c.name for c, _ in rank_cells(sweep, results, "lmms/vqa/exact_match")] == [
+        "projector=linear", "projector=mlp2x_gelu", "projector=mlp3x_gelu"]
+    assert [c.name for c, _ in rank_cells(sweep, results, "val/anls")][:2] == ["projector=mlp2x_gelu",
+                                                                               "projector=linear"]
+    assert [c.name for c, _ in rank_cells(sweep, results, "val/loss")][:2] == ["projector=mlp2x_gelu",
+                                                                               "projector=linear"]  # lower first
+    write_reports(sweep, results)
+    md = (sweep.out / "results.md").read_text()
+    assert "ranked by `lmms/vqa/exact_match`" in md
+    assert list(_md_cells(sweep.out))[:2] == ["projector=linear", "projector=mlp2x_gelu"]
+    assert _md_cells(sweep.out)["projector=linear"]["lmms/vqa/exact_match"] == "0.900"
+    assert _rows(sweep.out)[0]["lmms/vqa/exact_match"] == "0.9"
+    (sweep.runs[0].run_dir / "lmms" / "sweep_eval.json").write_text(json.dumps({**spec, "limit": 4}))
+    assert collect_results(sweep)[0].status == "pending"  # scored with another eval: block: evaluated again
+
+    _write_sweep(sweep_file, tiny_recipe, grid={"model.fusion.projector": ["linear"]}, metrics=["val/anls"],
+                 rank_by="val/anls", overrides={**COMMON, "eval.metrics": ["exact_match", "anls"]})
+    ranked = load_sweep(sweep_file)
+    _finish(ranked.runs[0], {"val/anls": 0.5, "val/baseline_anls": 0.125})
+    write_reports(ranked, collect_results(ranked))
+    assert "Majority-answer baseline (most frequent training answer per question type): val/anls 0.125" in \
+        (ranked.out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ({"rank_by": "lmms/vqa/exact_match"}, r"rank_by: 'lmms/vqa/exact_match': .*no eval: block"),
+    ({"rank_by": "accuracy"}, r"rank_by: 'accuracy' is not a metric"),
+    ({"eval": {"tasks": []}}, r"eval\.tasks: list one or more"),
+    ({"eval": {"tasks": ["a"], "limit": 0}}, r"eval\.limit: must be positive"),
+    ({"eval": {"tasks": ["a"], "include_path": "nowhere"}}, r"eval\.include_path: folder not found"),
+    ({"eval": {"tasks": ["a"]}, "metrics": ["lmms/b/acc"]}, r"metrics\[0\]: 'lmms/b/acc'.*eval\.tasks \(a\)"),
+])
+def test_malformed_eval_blocks_are_rejected(tiny_recipe: Path, tmp_path: Path, body: dict, match: str):
+    sweep_file = _write_sweep(tmp_path / "s.yaml", tiny_recipe, grid={"model.fusion.projector": ["linear"]}, **body)
+    with pytest.raises(RecipeError, match=match):
+        load_sweep(sweep_file)
+
+
+@pytest.mark.slow
+def test_sweep_eval_block_runs_vlkit_eval_on_each_cell_and_ranks_by_its_score(tiny_recipe: Path, demo_dir: Path,
+                                                                              tmp_path: Path):
+    pytest.importorskip("lmms_eval")
+    datasets = pytest.importorskip("datasets")
+    from test_lmms_eval import UTILS, VQA_TASK, demo_docs
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string"), "type": datasets.Value("string")})
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(demo_docs(demo_dir, 8), features=features)}).save_to_disk(
+        str(tasks / "vqa_data"))
+    (tasks / "utils.py").write_text(UTILS)
+    (tasks / "vlkit_demo_vqa.yaml").write_text(VQA_TASK.format(data=tasks / "vqa_data"))
+    sweep_file = _write_sweep(tmp_path / "lmms.yaml", tiny_recipe, grid={"stages.0.lr": [3.0e-3, 1.0e-5]},
+                              overrides={**COMMON, "stages": [{"name": "s", "trainable": ["encoders", "fusion", "llm"],
+                                                               "max_steps": 40}]},
+                              rank_by="lmms/vlkit_demo_vqa/exact_match",
+                              eval={"tasks": ["vlkit_demo_vqa"], "limit": 8, "include_path": "tasks"})
+    res = _cli("sweep", str(sweep_file), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "runs" / "lmms"
+    rows = {r["cell"]: r for r in _rows(out)}
+    for cell, row in rows.items():
+        results = json.loads((out / cell / "seed0" / "lmms" / "results.json").read_text())["results"]
+        assert float(row["lmms/vlkit_demo_vqa/exact_match"]) == results["vlkit_demo_vqa"]["exact_match,none"]
+    scores = {c: float(r["lmms/vlkit_demo_vqa/exact_match"]) for c, r in rows.items()}
+    print(f"lmms-eval exact match per cell: {scores}")
+    assert list(_md_cells(out)) == sorted(scores, key=lambda c: -scores[c])
+    assert [a["phase"] for a in _attempts(out)] == ["fit", "eval", "fit", "eval"]
+    res = _cli("sweep", str(sweep_file), cwd=tmp_path)  # everything finished and evaluated: nothing runs
+    assert res.returncode == 0 and "2 finished already, 0 to run" in res.stdout

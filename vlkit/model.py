@@ -141,11 +141,14 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_streams: dict[str, torch.Tensor] | None = None, **_: Any):
+                image_streams: dict[str, torch.Tensor] | None = None,
+                position_ids: torch.Tensor | None = None, **_: Any):
         """Causal-LM output (``.loss`` when ``labels`` are given, ``.logits``). Extra batch keys are ignored.
-        ``image_streams`` (cached encoder streams) replace ``pixel_values``; see :meth:`embed`."""
+        ``image_streams`` (cached encoder streams) replace ``pixel_values``; see :meth:`embed`.
+        ``position_ids`` (packed batches, :mod:`vlkit.data.packing`) restart at every sample, and attention
+        stays within each sample."""
         embeds = self.embed(input_ids, pixel_values, attention_mask, image_streams)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -198,7 +201,12 @@ def build_model(recipe: Recipe) -> VLM:
     llm = LLMS.build(recipe.model.llm, "model.llm")
     # the strategy builds the fusion its parts need (none for a holistic encoder, which binds to the LLM)
     fusion = strategy_for([type(e) for e in encoders.values()]).build_fusion(encoders, llm, recipe.model.fusion)
-    return VLM(encoders, fusion, llm, views=recipe.model.views, resize_policy=recipe.model.resize_policy)
+    model = VLM(encoders, fusion, llm, views=recipe.model.views, resize_policy=recipe.model.resize_policy)
+    if recipe.model.init is not None:  # `model: {init: ...}`: start from that model's weights
+        from vlkit.io.init import load_init_weights
+
+        load_init_weights(model, recipe.model.init)
+    return model
 
 
 def frozen_modules(module: nn.Module) -> list[nn.Module]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning as L
@@ -11,20 +14,60 @@ import torch.distributed as dist
 from rich.console import Console
 
 from vlkit.config import EvalConfig, StageConfig
+from vlkit.errors import RecipeError
 from vlkit.eval.metrics import normalize_answer  # re-exported: vlkit.module.normalize_answer
 from vlkit.model import VLM
 from vlkit.objectives.base import Objective, build_objective
 from vlkit.training.stages import build_optimizer, print_param_table
 
-__all__ = ["VLMModule", "normalize_answer"]
+__all__ = ["PADDING_KEY", "VLMModule", "normalize_answer"]
+
+PADDING_KEY = "__padding__"
+"""Marks a validation batch that only keeps the ranks in step (:class:`_SameBatchCount`): not counted."""
+MAX_NAMES = 8
 
 
 def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank: the one way validation states and counters cross ranks (objective states hold
+    per-sample answers, which corpus metrics such as CIDEr need whole, so not tensor sums)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+class _SameBatchCount:
+    """A rank's validation batches, then copies of its last one marked :data:`PADDING_KEY` until every rank has
+    run out, so all ranks run the same number of validation steps (a rank that stopped early would leave the
+    others waiting in a collective: DDP's buffer broadcast, a sharded model's parameter gathering in
+    ``generate``). Each round the ranks exchange one flag; a rank without any batch of its own receives the
+    first batch of the lowest rank that has one. Padding batches run like real ones and are not counted
+    (:meth:`VLMModule.validation_step`), so each sample counts exactly once."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], module: L.LightningModule) -> None:
+        self.loader = loader
+        self.module = module
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        strategy = self.module.trainer.strategy
+        it = iter(self.loader)
+        last: dict[str, Any] | None = None
+        while True:
+            batch = next(it, None)
+            flags = self.module.all_gather(torch.tensor(int(batch is not None), device=self.module.device))
+            have = [bool(f) for f in flags.reshape(-1).tolist()]
+            if not any(have):
+                return
+            if last is None and not all(have):  # first round: some rank has no batch at all
+                src = have.index(True)
+                received = strategy.broadcast(batch if self.module.global_rank == src else None, src=src)
+                last = batch if batch is not None else received
+            if batch is None:
+                yield {**last, PADDING_KEY: True}
+            else:
+                last = batch
+                yield batch
 
 
 class VLMModule(L.LightningModule):
@@ -38,11 +81,15 @@ class VLMModule(L.LightningModule):
 
     Frozen parts run in eval mode while training (:meth:`vlkit.model.VLM.train`): applied at the start of
     the stage and again after every validation.
+
+    Distributed runs: the first training step reports trainable parameters that got no gradient, by name
+    (an error under DDP, which would fail or hang at the next step; a warning otherwise); every rank runs
+    the same number of validation steps (:class:`_SameBatchCount`). ``where`` is the stage's recipe key.
     """
 
     def __init__(self, model: VLM, stage: StageConfig, eval_cfg: EvalConfig, train_data: Any,
                  val_data: Any | None = None, baseline: dict[str | None, str] | None = None,
-                 seed: int = 0, objective: Objective | None = None) -> None:
+                 seed: int = 0, objective: Objective | None = None, where: str = "stages") -> None:
         super().__init__()
         self.model = model
         self.stage = stage
@@ -52,10 +99,17 @@ class VLMModule(L.LightningModule):
         self.seed = seed
         self.objective = objective if objective is not None else build_objective(
             stage, model, eval_cfg, baseline, seed=seed)
+        self.where = where
         self.shards_seen: Counter[str] = Counter()
         self._skipped = 0
         self._val_skipped = 0
         self._model_was_training = True
+        self._grads_checked = False
+        self._counted_state: Any = None  # the objective's state before the first padding batch
+        self.val_batches = 0
+        """Validation steps of the last validation on this rank, padding batches included."""
+        self.val_padding = 0
+        """Of those, padding batches (not counted in the metrics)."""
 
     # ---------------------------------------------------------------------------------------------- data
 
@@ -84,20 +138,51 @@ class VLMModule(L.LightningModule):
     def val_dataloader(self):
         if not self.can_validate:
             return []
-        return self._validation_data.val_loader(self._processor(), rank=self.global_rank,
-                                                world_size=self.trainer.world_size,
-                                                max_samples=self.eval_cfg.max_samples)
+        loader = self._validation_data.val_loader(self._processor(), rank=self.global_rank,
+                                                  world_size=self.trainer.world_size,
+                                                  max_samples=self.eval_cfg.max_samples)
+        return _SameBatchCount(loader, self) if self.trainer.world_size > 1 else loader
 
     # ------------------------------------------------------------------------------------------ training
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model, self.stage)
+        optimizer, scheduler = build_optimizer(self.model, self.stage, str(self.trainer.precision))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
         self.train()  # this stage's modes: trainable parts train, frozen ones eval (VLM.train)
+        self._grads_checked = False
         if self.trainer.is_global_zero:
             print_param_table(self.model, self.stage, Console())
+
+    def on_after_backward(self) -> None:
+        if not self._grads_checked:  # the first backward of this fit, before any optimizer step
+            self._grads_checked = True
+            self._check_unused_parameters()
+
+    def _check_unused_parameters(self) -> None:
+        """Name the trainable parameters that got no gradient in the first backward pass (of any rank).
+
+        An error when DDP runs without ``find_unused_parameters`` (the next step would fail, or hang when
+        ranks differ); a warning otherwise (they would silently not train)."""
+        unused = [name.removeprefix("model.") for name, p in self.named_parameters()
+                  if p.requires_grad and p.grad is None]
+        per_rank = _gather(unused)
+        names = sorted({name for names in per_rank for name in names})
+        if not names:
+            return
+        ranks = [r for r, found in enumerate(per_rank) if found]
+        shown = ", ".join(names[:MAX_NAMES]) + (f" (and {len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES
+                                                else "")
+        on = f" on rank(s) {', '.join(map(str, ranks))}" if len(per_rank) > 1 else ""
+        message = (f"{len(names)} trainable parameter(s) got no gradient in stage {self.stage.name!r}'s first "
+                   f"training step{on}: {shown}. The loss does not use them; freeze them (remove their part or "
+                   "module from `trainable`), or, if they are used on some batches only, set "
+                   "`trainer.strategy: ddp_find_unused_parameters_true`")
+        if getattr(self.trainer.model, "find_unused_parameters", None) is False:  # DDP, which needs them all
+            raise RecipeError(message, f"{self.where}.trainable")
+        if self.trainer.is_global_zero:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._skipped += int(batch.get("skipped", 0) or 0)
@@ -131,23 +216,29 @@ class VLMModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_skipped = 0
+        self._counted_state = None
+        self.val_batches = self.val_padding = 0
         self.objective.reset_validation()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.val_batches += 1
+        if batch.get(PADDING_KEY):
+            # padding batches come last: keep what the real ones accumulated, run it like them, count nothing
+            if self._counted_state is None:
+                self._counted_state = copy.deepcopy(self.objective.validation_state())
+            self.val_padding += 1
+            self.objective.validation_step(self.model, batch)
+            return
+        if self._counted_state is not None:
+            raise RuntimeError("a validation batch came after the padding batches")
         self._val_skipped += int(batch.get("skipped", 0) or 0)
         self.objective.validation_step(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
-        gathered = _gather((self.objective.validation_state(), self._val_skipped))
+        state = self._counted_state if self._counted_state is not None else self.objective.validation_state()
+        gathered = _gather((state, self._val_skipped))
         metrics = self.objective.validation_metrics([state for state, _ in gathered])
         metrics["val/skipped"] = float(sum(skipped for _, skipped in gathered))
         for key, value in metrics.items():
             self.log(key, value, rank_zero_only=True, prog_bar=key in self.objective.progress_metrics)
         self.last_val_metrics = metrics
-
-    @staticmethod
-    def metrics_from(stats: dict[str, list[float]], loss: float | None) -> dict[str, float]:
-        """The ``lm`` objective's metrics from summed ``[correct, baseline correct, count]`` per key."""
-        from vlkit.objectives.lm import metrics_from
-
-        return metrics_from(stats, loss)

@@ -12,14 +12,23 @@ A sweep file names a base recipe and the cells to compare::
     seeds: [0, 1, 2]                          # one run per cell and seed (`seed=` override)
     overrides: {eval.max_samples: 200}        # applied to every cell, before the cell's own
     metrics: [val/accuracy, val/loss]         # default: val/accuracy and every per-type accuracy
+    rank_by: val/accuracy                     # default: the first metric; ranks cells in results.md, plotted
+    eval:                                     # optional: `vlkit eval` (lmms-eval) on every finished run
+      tasks: [vqav2_val]
+      limit: 200                              # samples per task (fraction when < 1); default: all
+      include_path: tasks/                    # local task YAMLs, relative to this file
     out: runs/fusions                         # default: runs/<sweep name>/ next to this file
 
 Every run is ``vlkit fit`` in its own process, in ``<out>/<cell>/seed<k>/`` (a normal run folder), with
-its output in ``<out>/<cell>/seed<k>.log``. A run whose folder has ``summary.json`` is skipped, so a rerun
-after an interruption trains only what is missing (and ``vlkit fit`` resumes a half-finished run from its
+its output in ``<out>/<cell>/seed<k>.log``; with an ``eval:`` block, ``vlkit eval`` then writes the run's
+lmms-eval scores into ``<run>/lmms/`` (``results.json``, plus ``sweep_eval.json``: the block it ran). Their
+metrics are ``lmms/<task>/<metric>`` (``lmms/vqav2_val/exact_match``; a filter other than ``none`` is kept:
+``lmms/gsm8k/exact_match,strict-match``), next to the run's ``val/...`` metrics. A run whose folder has
+``summary.json`` (and the lmms-eval scores of this ``eval:`` block) is skipped, so a rerun after an
+interruption trains or evaluates only what is missing (and ``vlkit fit`` resumes a half-finished run from its
 last checkpoint). A failed run is recorded and the others go on. ``<out>/sweep.jsonl`` logs every attempt;
-``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds per cell) and ``results.png``
-(bar chart of the first metric) are rewritten at the end of every invocation.
+``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds per cell, cells ranked by
+``rank_by``) and ``results.png`` (bar chart of ``rank_by``) are rewritten at the end of every invocation.
 """
 
 from __future__ import annotations
@@ -48,8 +57,26 @@ from vlkit.config import Recipe, load_recipe, to_dataclass
 from vlkit.errors import RecipeError, VlkitError
 
 DEFAULT_METRIC = "val/accuracy"
+LMMS_PREFIX = "lmms/"
+EVAL_DIR = "lmms"
+EVAL_STAMP = "sweep_eval.json"
 ATTEMPTS_LOG = "sweep.jsonl"
 Status = Literal["ok", "failed", "interrupted", "pending"]
+
+
+@dataclass
+class SweepEval:
+    """A sweep's ``eval:`` block: lmms-eval tasks run by ``vlkit eval`` on every finished run."""
+
+    tasks: list[str]
+    """lmms-eval task names (local ones need ``include_path``)."""
+    limit: float | None = None
+    """Samples per task (a fraction of each task when below 1); None: every sample."""
+    include_path: str | None = None
+    """Folder of local lmms-eval task YAMLs, relative to the sweep file."""
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    """Generation budget of tasks that do not set their own ``max_new_tokens``."""
 
 
 @dataclass
@@ -67,7 +94,13 @@ class SweepFile:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides applied to every cell before the cell's own."""
     metrics: list[str] | None = None
-    """Summary metrics to report (default: ``val/accuracy`` and every ``val/accuracy/<type>`` found)."""
+    """Summary metrics to report (default: ``val/accuracy`` and every ``val/accuracy/<type>`` found; with
+    ``eval:``, every lmms-eval metric found after them)."""
+    rank_by: str | None = None
+    """The metric that ranks cells (best first, by mean over seeds) and is plotted: a ``val/...`` key of the
+    runs' ``summary.json`` or ``lmms/<task>/<metric>``; default: the first reported metric."""
+    eval: SweepEval | None = None
+    """lmms-eval tasks to run on every finished run (``vlkit eval``; ``pip install 'vlkit[eval]'``)."""
     out: str | None = None
     """Output folder, relative to the sweep file (default: ``runs/<sweep file name>``)."""
 
@@ -108,6 +141,9 @@ class Sweep:
     seeds: list[int] | None
     common: list[str] = field(default_factory=list)
     """The sweep's ``overrides:`` as ``key=value`` strings (applied before every cell's own)."""
+    rank_by: str | None = None
+    eval: SweepEval | None = None
+    """The ``eval:`` block, ``include_path`` resolved against the sweep file."""
 
 
 @dataclass
@@ -134,6 +170,7 @@ class SweepReport:
     files: dict[str, Path]
     ran: list[Run]
     """Runs attempted in this invocation (the others were finished already)."""
+    rank_by: str = DEFAULT_METRIC
 
     @property
     def failed(self) -> list[RunResult]:
@@ -249,6 +286,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         if spec.seeds is not None and (not spec.seeds or len(set(spec.seeds)) != len(spec.seeds)):
             raise RecipeError("list one or more distinct seeds (or leave `seeds` out)", "seeds")
         _check_keys(spec.overrides, "overrides")
+        _check_eval(spec)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
     recipe_path = Path(os.path.normpath(path.parent / spec.recipe))
@@ -256,6 +294,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         out = path.parent / spec.out if spec.out else path.parent / "runs" / path.stem
     out = Path(os.path.normpath(out))
     common = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
+    if spec.eval is not None and spec.eval.include_path is not None:
+        include = Path(os.path.normpath(path.parent / spec.eval.include_path))
+        if not include.is_dir():
+            raise RecipeError(f"{path}: eval.include_path: folder not found: {include}")
+        spec.eval.include_path = str(include)
 
     sweep_cells: list[Cell] = []
     runs: list[Run] = []
@@ -271,14 +314,81 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
             run_dir = out / name / f"seed{recipe.seed}"
             runs.append(Run(cell, recipe.seed, [*common, *cell.overrides, *extra], run_dir,
                             run_dir.with_name(f"{run_dir.name}.log"), recipe))
-    return Sweep(path, recipe_path, sweep_cells, runs, out, spec.metrics, spec.seeds, common)
+    return Sweep(path, recipe_path, sweep_cells, runs, out, spec.metrics, spec.seeds, common, spec.rank_by,
+                 spec.eval)
+
+
+def _check_eval(spec: SweepFile) -> None:
+    """The ``eval:`` block and ``rank_by`` name something this sweep reports."""
+    if spec.eval is not None:
+        if not spec.eval.tasks or not all(isinstance(t, str) and t and "," not in t for t in spec.eval.tasks):
+            raise RecipeError("list one or more lmms-eval task names (without commas)", "eval.tasks")
+        if spec.eval.limit is not None and spec.eval.limit <= 0:
+            raise RecipeError(f"must be positive (samples, or a fraction below 1), got {spec.eval.limit}",
+                              "eval.limit")
+    for where, key in [("rank_by", spec.rank_by), *((f"metrics[{i}]", m) for i, m in enumerate(spec.metrics or []))]:
+        if key is None:
+            continue
+        if not isinstance(key, str) or not key.startswith(("val/", LMMS_PREFIX)):
+            raise RecipeError(f"{key!r} is not a metric: use a validation metric (val/accuracy, val/anls/<type>, "
+                              f"...) or an lmms-eval score ({LMMS_PREFIX}<task>/<metric>)", where)
+        if key.startswith(LMMS_PREFIX):
+            task = key[len(LMMS_PREFIX):].split("/", 1)[0]
+            tasks = spec.eval.tasks if spec.eval is not None else []
+            if task not in tasks or key.count("/") != 2:
+                raise RecipeError(f"{key!r}: lmms-eval scores are {LMMS_PREFIX}<task>/<metric> of a task in the "
+                                  f"sweep's eval.tasks ({', '.join(tasks) or 'no eval: block'})", where)
 
 
 # --------------------------------------------------------------------------------------------- running
 
 
-def _is_done(run: Run) -> bool:
+def _trained(run: Run) -> bool:
     return (run.run_dir / "summary.json").is_file()
+
+
+def _eval_spec(sweep: Sweep) -> dict[str, Any] | None:
+    import dataclasses
+
+    return None if sweep.eval is None else dataclasses.asdict(sweep.eval)
+
+
+def _evaluated(sweep: Sweep, run: Run) -> bool:
+    """No ``eval:`` block, or the run's lmms-eval scores were computed with this one."""
+    if sweep.eval is None:
+        return True
+    stamp = run.run_dir / EVAL_DIR / EVAL_STAMP
+    try:
+        return json.loads(stamp.read_text()) == _eval_spec(sweep) and (run.run_dir / EVAL_DIR / "results.json").is_file()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _is_done(sweep: Sweep, run: Run) -> bool:
+    return _trained(run) and _evaluated(sweep, run)
+
+
+def lmms_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """``lmms/<task>/<metric>`` -> score from lmms-eval's ``results`` section (``"exact_match,none"`` ->
+    ``exact_match``; other filters stay: ``exact_match,strict-match``; standard errors and aliases left out)."""
+    out: dict[str, float] = {}
+    for task, scores in results.items():
+        for key, value in scores.items():
+            metric, _, flt = key.partition(",")
+            if "_stderr" in metric or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
+                continue
+            out[f"{LMMS_PREFIX}{task}/{metric if flt in ('', 'none') else key}"] = float(value)
+    return out
+
+
+def _run_metrics(sweep: Sweep, run: Run) -> dict[str, float]:
+    """The run's final validation metrics (``summary.json``'s ``val``) and its lmms-eval scores."""
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    metrics = dict(summary.get("val") or {})
+    if sweep.eval is not None and _evaluated(sweep, run):
+        results = json.loads((run.run_dir / EVAL_DIR / "results.json").read_text())
+        metrics.update(lmms_metrics(results.get("results") or {}))
+    return metrics
 
 
 def _stale(run: Run) -> str | None:
@@ -313,16 +423,29 @@ def _error_tail(text: str, lines: int = 6) -> str:
 
 
 class _Job:
-    """A ``vlkit fit`` subprocess for one run, writing into the run's log file."""
+    """A ``vlkit fit`` (phase ``fit``) or ``vlkit eval`` (phase ``eval``) subprocess for one run, writing
+    into the run's log file."""
 
-    def __init__(self, sweep: Sweep, run: Run, threads: int | None) -> None:
+    def __init__(self, sweep: Sweep, run: Run, threads: int | None, phase: Literal["fit", "eval"] = "fit") -> None:
+        self.sweep = sweep
         self.run = run
+        self.phase = phase
         run.log.parent.mkdir(parents=True, exist_ok=True)
-        self.cmd = [sys.executable, "-m", "vlkit.cli", "fit", str(sweep.recipe), *run.overrides,
-                    "--run-dir", str(run.run_dir)]
+        if phase == "fit":
+            self.cmd = [sys.executable, "-m", "vlkit.cli", "fit", str(sweep.recipe), *run.overrides,
+                        "--run-dir", str(run.run_dir)]
+        else:
+            assert sweep.eval is not None
+            e = sweep.eval
+            self.cmd = [sys.executable, "-m", "vlkit.cli", "eval", str(run.run_dir), "--tasks", ",".join(e.tasks),
+                        "--out", str(run.run_dir / EVAL_DIR), "--batch-size", str(e.batch_size),
+                        "--max-new-tokens", str(e.max_new_tokens),
+                        *([] if e.limit is None else ["--limit", format_value(e.limit)]),
+                        *([] if e.include_path is None else ["--include-path", e.include_path])]
+            (run.run_dir / EVAL_DIR / EVAL_STAMP).unlink(missing_ok=True)  # scores of another block
         self.log: IO[str] = open(run.log, "a")  # noqa: SIM115 - closed in finish()
         self.offset = self.log.tell()
-        self.log.write(f"=== vlkit sweep: cell {run.cell.name!r} seed {run.seed}, "
+        self.log.write(f"=== vlkit sweep: cell {run.cell.name!r} seed {run.seed} ({phase}), "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {shlex.join(self.cmd)}\n")
         self.log.flush()
         env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "160")}
@@ -347,7 +470,10 @@ class _Job:
         seconds = time.time() - self.start
         self.log.close()
         rc = self.proc.returncode
-        ok = rc == 0 and _is_done(self.run)
+        ok = rc == 0 and (_trained(self.run) if self.phase == "fit" else (self.run.run_dir / EVAL_DIR /
+                                                                           "results.json").is_file())
+        if ok and self.phase == "eval":
+            _atomic_json(self.run.run_dir / EVAL_DIR / EVAL_STAMP, _eval_spec(self.sweep))
         status = "ok" if ok else "interrupted" if interrupted else "failed"
         error = ""
         if not ok:
@@ -357,10 +483,16 @@ class _Job:
             if interrupted:
                 error = "interrupted (the sweep was stopped); rerun the sweep to resume"
             elif not error:
-                error = f"vlkit fit exited with status {rc}"
+                error = f"vlkit {self.phase} exited with status {rc}"
         return {"cell": self.run.cell.name, "seed": self.run.seed, "run_dir": str(self.run.run_dir),
-                "status": status, "returncode": rc, "seconds": round(seconds, 3),
+                "phase": self.phase, "status": status, "returncode": rc, "seconds": round(seconds, 3),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "error": error}
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def _record(out: Path, attempt: dict[str, Any]) -> None:
@@ -376,18 +508,18 @@ def collect_results(sweep: Sweep, ran: Sequence[Run] = ()) -> list[RunResult]:
     for a in _attempts(sweep.out):
         key = (a.get("cell", ""), a.get("seed", -1))
         last[key] = a
-        if a.get("status") == "ok":
+        if a.get("status") == "ok" and a.get("phase", "fit") == "fit":
             ok_seconds[key] = float(a.get("seconds", 0.0))
     ran_keys = {(r.cell.name, r.seed) for r in ran}
     results = []
     for run in sweep.runs:
         key = (run.cell.name, run.seed)
         attempt = last.get(key)
-        stale = _stale(run) if _is_done(run) else None
-        if _is_done(run) and not stale:
+        stale = _stale(run) if _trained(run) else None
+        if _is_done(sweep, run) and not stale:
             summary = json.loads((run.run_dir / "summary.json").read_text())
             seconds = ok_seconds.get(key, summary.get("seconds"))
-            results.append(RunResult(run, "ok", key not in ran_keys, seconds, dict(summary.get("val") or {})))
+            results.append(RunResult(run, "ok", key not in ran_keys, seconds, _run_metrics(sweep, run)))
         elif stale:
             results.append(RunResult(run, "failed", error=stale))
         elif attempt is not None and attempt.get("status") in ("failed", "interrupted"):
@@ -413,10 +545,10 @@ def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> Sw
     sweep.out.mkdir(parents=True, exist_ok=True)
     todo: list[Run] = []
     for run in sweep.runs:
-        stale = _stale(run) if _is_done(run) else None
+        stale = _stale(run) if _trained(run) else None
         if stale:
             console.print(f"[red]✗ {run.cell.name} seed {run.seed}: {stale}[/]")
-        elif not _is_done(run):
+        elif not _is_done(sweep, run):
             todo.append(run)
     done_before = len(sweep.runs) - len(todo)
     console.print(f"sweep {sweep.path}: {len(sweep.cells)} cell(s) x {len(sweep.runs) // len(sweep.cells)} "
@@ -441,7 +573,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> Sw
             while queue or running:
                 while queue and len(running) < jobs:
                     run = queue.pop(0)
-                    running.append(_Job(sweep, run, threads))
+                    running.append(_Job(sweep, run, threads, "eval" if _trained(run) else "fit"))
                     ran.append(run)
                 progress.update(task, description="running " + ", ".join(
                     f"{j.run.cell.name}/seed{j.run.seed}" for j in running))
@@ -450,8 +582,11 @@ def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> Sw
                     running.remove(job)
                     attempt = job.finish()
                     _record(sweep.out, attempt)
+                    if attempt["status"] == "ok" and not _evaluated(sweep, job.run):
+                        running.append(_Job(sweep, job.run, threads, "eval"))  # trained: now its lmms-eval tasks
+                        continue
                     progress.advance(task)
-                    _print_attempt(progress.console, job.run, attempt)
+                    _print_attempt(progress.console, sweep, job.run, attempt)
                     write_table_reports(sweep, collect_results(sweep, ran))
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted: stopping {len(running)} running run(s); rerun the sweep to "
@@ -467,7 +602,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, console: Console | None = None) -> Sw
     results = collect_results(sweep, ran)
     metrics = choose_metrics(sweep, results)
     files = write_reports(sweep, results)
-    return SweepReport(sweep, results, metrics, files, ran)
+    return SweepReport(sweep, results, metrics, files, ran, ranking_metric(sweep, results))
 
 
 def _in_main_thread() -> bool:
@@ -476,16 +611,17 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _print_attempt(console: Console, run: Run, attempt: dict[str, Any]) -> None:
+def _print_attempt(console: Console, sweep: Sweep, run: Run, attempt: dict[str, Any]) -> None:
     where = f"{run.cell.name} seed {run.seed}"
     if attempt["status"] == "ok":
-        summary = json.loads((run.run_dir / "summary.json").read_text())
-        val = summary.get("val") or {}
-        shown = ", ".join(f"{k} {val[k]:.4g}" for k in (DEFAULT_METRIC, "val/loss") if k in val)
+        val = _run_metrics(sweep, run)
+        keys = dict.fromkeys([k for k in (sweep.rank_by, DEFAULT_METRIC, "val/loss") if k])
+        shown = ", ".join(f"{k} {val[k]:.4g}" for k in keys if k in val)
         console.print(f"[green]✓[/] {where} ({attempt['seconds']:.0f} s){': ' + shown if shown else ''}",
                       highlight=False)
     else:
         first = attempt["error"].splitlines()[0] if attempt["error"] else ""
+        where += "" if attempt.get("phase", "fit") == "fit" else " (vlkit eval)"
         console.print(f"[red]✗[/] {where} failed ({attempt['seconds']:.0f} s): {first} (log: {run.log})",
                       highlight=False)
 
@@ -494,11 +630,54 @@ def _print_attempt(console: Console, run: Run, attempt: dict[str, Any]) -> None:
 
 
 def choose_metrics(sweep: Sweep, results: Sequence[RunResult]) -> list[str]:
-    """The sweep's ``metrics``, or ``val/accuracy`` plus every per-type accuracy found in the results."""
+    """The sweep's ``metrics`` (default: ``val/accuracy``, every per-type accuracy and every lmms-eval score
+    found in the results), with ``rank_by`` first."""
     if sweep.metrics:
-        return list(sweep.metrics)
-    found = sorted({k for r in results for k in r.metrics if k.startswith(DEFAULT_METRIC + "/")})
-    return [DEFAULT_METRIC, *found]
+        metrics = list(sweep.metrics)
+    else:
+        found = sorted({k for r in results for k in r.metrics if k.startswith(DEFAULT_METRIC + "/")})
+        lmms = sorted({k for r in results for k in r.metrics if k.startswith(LMMS_PREFIX)})
+        metrics = [DEFAULT_METRIC, *found, *lmms]
+    if sweep.rank_by:
+        metrics = [sweep.rank_by, *(m for m in metrics if m != sweep.rank_by)]
+    return metrics
+
+
+def ranking_metric(sweep: Sweep, results: Sequence[RunResult]) -> str:
+    """The metric that ranks the cells and is plotted: ``rank_by``, else the first reported metric."""
+    return sweep.rank_by or choose_metrics(sweep, results)[0]
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses rank ascending; every other metric (accuracies, ANLS, CIDEr, lmms-eval scores) descending."""
+    return metric.rsplit("/", 1)[-1].endswith("loss") or "/loss" in metric
+
+
+def baseline_key(metric: str) -> str | None:
+    """The majority-baseline key of a validation metric (``val/anls/color`` -> ``val/baseline_anls/color``;
+    ``val/accuracy`` -> ``val/baseline``), as the ``lm`` objective reports them; None for other metrics."""
+    from vlkit.eval.metrics import METRICS
+
+    if metric.startswith(DEFAULT_METRIC):
+        return "val/baseline" + metric.removeprefix(DEFAULT_METRIC)
+    for name in METRICS:
+        head = f"val/{name}"
+        if metric == head or metric.startswith(head + "/"):
+            return f"val/baseline_{name}" + metric.removeprefix(head)
+    return None
+
+
+def rank_cells(sweep: Sweep, results: Sequence[RunResult], metric: str) -> list[tuple[Cell, list[RunResult]]]:
+    """Cells best first by the mean of ``metric`` over their finished seeds; cells without it last, in order."""
+    def mean(rows: list[RunResult]) -> float | None:
+        vals = [float(r.metrics[metric]) for r in rows if r.status == "ok" and metric in r.metrics]
+        return sum(vals) / len(vals) if vals else None
+
+    cells = _by_cell(sweep, results)
+    scored = [(mean(rows), i) for i, (_, rows) in enumerate(cells)]
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    order = sorted(range(len(cells)), key=lambda i: (scored[i][0] is None, sign * (scored[i][0] or 0.0), i))
+    return [cells[i] for i in order]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -548,9 +727,15 @@ def write_markdown(path: Path, sweep: Sweep, results: Sequence[RunResult], metri
              f"{total / 60:.1f} min of training in all.", ""]
     if sweep.common:
         lines += ["Overrides of every cell: " + " ".join(f"`{o}`" for o in sweep.common).replace("|", "\\|"), ""]
+    rank = ranking_metric(sweep, results)
+    lines += [f"Cells ranked by `{rank}` ({'lower' if lower_is_better(rank) else 'higher'} is better)."]
+    if sweep.eval is not None:
+        lines += [f"lmms-eval tasks ({LMMS_PREFIX}<task>/<metric>): {', '.join(sweep.eval.tasks)}"
+                  + ("" if sweep.eval.limit is None else f", limit {format_value(sweep.eval.limit)}") + "."]
+    lines += [""]
     header = ["cell", "overrides", "runs", *metrics, "time"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for cell, rows in _by_cell(sweep, results):
+    for cell, rows in rank_cells(sweep, results, rank):
         done = [r for r in rows if r.status == "ok"]
         values = [format_mean_std([float(r.metrics[m]) for r in done if m in r.metrics]) for m in metrics]
         times = [r.seconds for r in done if r.seconds is not None]
@@ -559,8 +744,8 @@ def write_markdown(path: Path, sweep: Sweep, results: Sequence[RunResult], metri
         lines.append("| " + " | ".join([cell.name, overrides, f"{len(done)}/{len(rows)}", *values, time_text]) + " |")
     baselines = []
     for m in metrics:
-        if m.startswith(DEFAULT_METRIC):
-            key = "val/baseline" + m.removeprefix(DEFAULT_METRIC)
+        key = baseline_key(m)
+        if key is not None:
             vals = [float(r.metrics[key]) for r in ok if key in r.metrics]
             if vals:
                 baselines.append(f"{m} {sum(vals) / len(vals):.3f}")
@@ -597,8 +782,8 @@ def write_plot(path: Path, sweep: Sweep, results: Sequence[RunResult], metric: s
         ax.bar(x, mean, yerr=std or 0.0, capsize=4, color="tab:blue", alpha=0.6, width=0.6)
         offsets = [0.0] if len(values) == 1 else [-0.15 + 0.3 * i / (len(values) - 1) for i in range(len(values))]
         ax.scatter([x + o for o in offsets], values, color="black", s=14, zorder=3)
-    if metric.startswith(DEFAULT_METRIC):
-        key = "val/baseline" + metric.removeprefix(DEFAULT_METRIC)
+    key = baseline_key(metric)
+    if key is not None:
         base = [float(r.metrics[key]) for r in results if r.status == "ok" and key in r.metrics]
         if base:
             ax.axhline(sum(base) / len(base), color="tab:gray", linestyle="--", label="majority baseline")
@@ -631,7 +816,7 @@ def write_reports(sweep: Sweep, results: Sequence[RunResult]) -> dict[str, Path]
     sweep.out.mkdir(parents=True, exist_ok=True)
     files = write_table_reports(sweep, results)
     files["png"] = sweep.out / "results.png"
-    write_plot(files["png"], sweep, results, choose_metrics(sweep, results)[0])
+    write_plot(files["png"], sweep, results, ranking_metric(sweep, results))
     return files
 
 
@@ -643,10 +828,12 @@ def describe(sweep: Sweep, console: Console) -> None:
     for col in ("cell", "seed", "overrides", "state"):
         table.add_column(col)
     for run in sweep.runs:
-        state = "finished" if _is_done(run) and not _stale(run) else "stale" if _is_done(run) else "to run"
+        stale = _trained(run) and _stale(run)
+        state = ("stale" if stale else "finished" if _is_done(sweep, run) else
+                 "to evaluate" if _trained(run) else "to run")
         table.add_row(run.cell.name, str(run.seed), " ".join(run.cell.overrides) or "(base recipe)", state)
     console.print(table)
 
 
-__all__ = ["Cell", "Run", "RunResult", "Sweep", "SweepFile", "SweepReport", "collect_results", "describe",
-           "format_value", "load_sweep", "run_sweep", "write_reports"]
+__all__ = ["Cell", "Run", "RunResult", "Sweep", "SweepEval", "SweepFile", "SweepReport", "collect_results",
+           "describe", "format_value", "lmms_metrics", "load_sweep", "rank_cells", "run_sweep", "write_reports"]

@@ -38,6 +38,8 @@ class ProcessorArgs:
     """Which tokens train: every assistant turn, the last one, or every text token."""
     overflow: Literal["skip", "truncate"] = "skip"
     """Samples over ``max_length``: skip them, or truncate the text after the last image block."""
+    pack_tokens: int | None = None
+    """Training batches packed into rows of at most this many tokens (``packing.max_tokens``); None: padded."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class Dataset(ABC):
         defaults = ProcessorArgs()
         return ProcessorArgs(max_length=getattr(self.args, "max_length", defaults.max_length),
                              train_on=getattr(self.args, "train_on", defaults.train_on),
-                             overflow=getattr(self.args, "overflow", defaults.overflow))
+                             overflow=getattr(self.args, "overflow", defaults.overflow),
+                             pack_tokens=getattr(getattr(self.args, "packing", None), "max_tokens", None))
 
     def _processor(self, processor: VLMProcessor) -> VLMProcessor:
         """``processor`` with this dataset's :attr:`processor_args`."""
@@ -104,7 +107,7 @@ class Dataset(ABC):
 
         args = self.processor_args
         return dataclasses.replace(processor, max_length=args.max_length, train_on=args.train_on,
-                                   overflow=args.overflow)
+                                   overflow=args.overflow, pack_tokens=args.pack_tokens)
 
     # --------------------------------------------------------------------------------------- loaders
 
@@ -117,8 +120,9 @@ class Dataset(ABC):
     @abstractmethod
     def val_loader(self, processor: VLMProcessor, *, rank: int = 0, world_size: int = 1,
                    max_samples: int | None = None) -> DataLoader:
-        """One pass over rank ``rank``'s part of the held-out batches; every rank gets the same number of
-        batches; ``max_samples`` caps the samples of all ranks together."""
+        """One pass over rank ``rank``'s part of the held-out batches (each sample on one rank only; ranks may
+        get different numbers of batches: :class:`vlkit.module.VLMModule` pads the shorter ones with
+        uncounted batches); ``max_samples`` caps the samples of all ranks together."""
 
     def has_validation(self) -> bool:
         """Whether :meth:`val_loader` yields held-out batches."""

@@ -82,6 +82,7 @@ def iter_samples(recipe: Recipe, model: Any, split: str = "train", stage: str | 
                  ) -> Iterator[Shown]:
     """The samples of a split in the order the model gets them (training: the stage's data seed)."""
     from vlkit.data.base import stage_data_seed
+    from vlkit.data.packing import sample_spans
     from vlkit.registry import DATASETS
 
     section, where = _dataset_section(recipe, split, stage)
@@ -98,10 +99,11 @@ def iter_samples(recipe: Recipe, model: Any, split: str = "train", stage: str | 
         urls = batch.get("__url__") or [None] * len(keys)
         truncated = tokens.get("truncated") or [0] * len(keys)
         types = batch.get("type") or [None] * len(keys)
+        spans = sample_spans(tokens)  # a packed batch (data.train.packing) holds several samples per row
         for i, key in enumerate(keys):
-            mask = tokens["attention_mask"][i].bool()
-            ids = tokens["input_ids"][i][mask].tolist()
-            labels = tokens["labels"][i][mask].tolist()
+            row, at = spans[i]
+            ids = tokens["input_ids"][row][at].tolist()
+            labels = tokens["labels"][row][at].tolist()
             yield Shown(str(key), urls[i], _runs(ids, labels), int(truncated[i] or 0), {"type": types[i]})
 
 

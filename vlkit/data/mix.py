@@ -18,7 +18,7 @@ A recipe lists the member datasets, each a dataset section (``name`` defaults to
   null for none. It is appended to the first user turn of every sample (``"<question>\\n<instruction>"``,
   as in LLaVA-1.5 / SPHINX), so it is prompt: its tokens never train, the answers do.
 
-``batch_size``, ``num_workers``, ``max_length``, ``train_on`` and ``samples_per_epoch`` belong to the mix
+``batch_size``, ``num_workers``, ``max_length``, ``train_on``, ``samples_per_epoch`` and ``packing`` belong to the mix
 (a batch draws from every dataset); per-dataset values are refused. Other keys (``urls``, ``tasks``,
 ``shuffle_buffer``, ``strict``) are the member's own.
 
@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset
 
 from vlkit.data.base import Dataset, ShardSource
 from vlkit.data.conversation import Message
+from vlkit.data.packing import PackingArgs, check_packing
 from vlkit.data.processor import VLMProcessor
 from vlkit.data.reading import EpochStream, Loader, data_loader
 from vlkit.data.shards import collate_batch, loader_arg_problems
@@ -60,7 +61,7 @@ INSTRUCTIONS: dict[str, str] = {
 }
 """Built-in task instructions (LLaVA-1.5 / SPHINX style), by the name a recipe's ``instruction:`` uses."""
 
-MIX_KEYS: tuple[str, ...] = ("batch_size", "num_workers", "max_length", "train_on", "samples_per_epoch")
+MIX_KEYS: tuple[str, ...] = ("batch_size", "num_workers", "max_length", "train_on", "samples_per_epoch", "packing")
 """Options set once for the whole mix; a member dataset section may not set them."""
 _ENTRY_KEYS: tuple[str, ...] = ("task", "weight", "instruction")
 _INHERITED: tuple[str, ...] = ("batch_size", "num_workers", "max_length", "train_on")
@@ -249,8 +250,11 @@ class MixDataset(Dataset):
         """Samples per loader epoch (default: the members' samples together)."""
         tasks: list[str] | None = None
         """Keep only the member datasets with these ``task`` names (e.g. in a stage's ``data`` override)."""
+        packing: PackingArgs | None = None
+        """``{max_tokens: N}``: pack each batch's samples into rows of at most N tokens (:mod:`vlkit.data.packing`)."""
 
         def __post_init__(self) -> None:
+            check_packing(self.packing, self.max_length)
             problems = loader_arg_problems(self)
             if problems:
                 raise RecipeError("; ".join(problems))

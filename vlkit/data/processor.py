@@ -26,6 +26,7 @@ from vlkit.data.conversation import (
     tokenize_conversation,
 )
 from vlkit.data.feature_cache import CachedImage
+from vlkit.data.packing import collate_packed
 from vlkit.data.views import PAD_COLORS, ResizePolicy, image_to_square_tensor
 from vlkit.errors import DataError
 
@@ -70,6 +71,9 @@ class VLMProcessor:
     """How a non-square image becomes square (:func:`vlkit.data.views.square_image`)."""
     pad_color: tuple[int, int, int] = PAD_COLORS["mean"]
     """Fill of the ``pad`` policy (RGB)."""
+    pack_tokens: int | None = None
+    """Training batches (:meth:`train_batch`): pack the samples into rows of at most this many tokens
+    (``data.train.packing.max_tokens``); None: pad every sample to the longest."""
 
     @property
     def pad_token_id(self) -> int:
@@ -190,23 +194,42 @@ class VLMProcessor:
             attention_mask[i, sl] = 1
             if labels is not None:
                 labels[i, sl] = torch.tensor(f["labels"], dtype=torch.long)
-        if labels is not None and not bool((labels != IGNORE_INDEX).any()):
-            keys = [str(f.get("__key__", f"#{i}")) for i, f in enumerate(features)]
-            shown = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
-            raise DataError(f"a batch has no trained token (every label is -100): samples {shown}; the loss would "
-                            "be 0. Check the chat template and train_on, or run `vlkit data inspect RECIPE`")
-        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.stack(images) if images else None,
-        }
+        if labels is not None:
+            self.require_trained(labels, features)
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                 **self.stack_images(features)}
         if labels is not None:
             batch["labels"] = labels
-        cached = [f["image_streams"] for f in features if f.get("image_streams") is not None]
-        if cached:
-            batch["image_streams"] = {name: torch.stack([c[name] for c in cached]) for name in cached[0]}
         for key in features[0]:
             if key not in batch and key not in ("labels", "image_streams"):
                 batch[key] = [f.get(key) for f in features]
         return batch
+
+    def train_batch(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A training batch of :meth:`train_features`: packed into rows of at most :attr:`pack_tokens`
+        (:func:`vlkit.data.packing.collate_packed`) when set, else right-padded (:meth:`collate`)."""
+        if self.pack_tokens is not None:
+            return collate_packed(self, features, self.pack_tokens)
+        return self.collate(features, padding_side="right")
+
+    @staticmethod
+    def stack_images(features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """``pixel_values`` (the images of the samples that have one, stacked in order, or None) and, when
+        samples come from the feature cache, ``image_streams`` stacked per stream."""
+        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        out: dict[str, Any] = {"pixel_values": torch.stack(images) if images else None}
+        cached = [f["image_streams"] for f in features if f.get("image_streams") is not None]
+        if cached:
+            out["image_streams"] = {name: torch.stack([c[name] for c in cached]) for name in cached[0]}
+        return out
+
+    @staticmethod
+    def require_trained(labels: torch.Tensor, features: Sequence[dict[str, Any]]) -> None:
+        """Raise :class:`~vlkit.errors.DataError` naming the samples when no label of a batch trains (a loss
+        of 0 must never pass silently)."""
+        if bool((labels != IGNORE_INDEX).any()):
+            return
+        keys = [str(f.get("__key__", f"#{i}")) for i, f in enumerate(features)]
+        shown = ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
+        raise DataError(f"a batch has no trained token (every label is -100): samples {shown}; the loss would "
+                        "be 0. Check the chat template and train_on, or run `vlkit data inspect RECIPE`")

@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset
 from vlkit.data.base import Dataset, EpochCounts, ShardSource
 from vlkit.data.conversation import Message, messages_from_llava
 from vlkit.data.feature_cache import CacheReader
+from vlkit.data.packing import PackingArgs, check_packing
 from vlkit.data.processor import VLMProcessor
 from vlkit.data.reading import (
     ERROR_KEY,
@@ -92,7 +93,7 @@ def collate_batch(processor: VLMProcessor, feats: list[dict[str, Any]], skipped:
         batch["loss_batch"] = processor.collate(losses, padding_side="right")
         batch["loss_batch"]["pixel_values"] = batch["pixel_values"]  # one tensor: pickled once
     else:
-        batch = processor.collate(feats, padding_side="right")
+        batch = processor.train_batch(feats)  # padded, or packed with data.train.packing
     batch["skipped"] = skipped
     return batch
 
@@ -318,8 +319,12 @@ class ShardDataset(Dataset):
         block (keeping at least one trained token; an image block is never cut)."""
         samples_per_epoch: int | None = None
         """Samples per loader epoch (default: the shards' sample count, from index.json or by counting)."""
+        packing: PackingArgs | None = None
+        """``{max_tokens: N}``: pack each training batch's samples into rows of at most N tokens (N >=
+        max_length; see :mod:`vlkit.data.packing`); null: pad every sample to the batch's longest."""
 
         def __post_init__(self) -> None:
+            check_packing(self.packing, self.max_length)
             problems = loader_arg_problems(self)
             if self.shuffle_buffer < 0:
                 problems.append(f"shuffle_buffer must be 0 (no shuffling) or more, got {self.shuffle_buffer}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from vlkit.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # re-exported
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "VisionEncoder"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "VisionEncoder", "run_block"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ class VisionEncoder(nn.Module):
     num_tokens: int
     """Tokens per stream (N)."""
     preprocess: Preprocess
+    fsdp_wrap_block: type[nn.Module] | None = None
+    """The class of the encoder's repeated block: FSDP's wrap unit and the unit its ``gradient_checkpointing``
+    argument recomputes in the backward pass (None: the encoder has no repeated block)."""
+    libraries: tuple[str, ...] = ()
+    """Distributions whose code computes this encoder's output (e.g. ``("open_clip_torch",)``): their
+    installed versions, with torch's and vlkit's, are part of the feature cache's fingerprint, so an upgrade
+    never serves features the new code would not compute."""
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -56,3 +63,14 @@ class VisionEncoder(nn.Module):
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Preprocess [0, 1] pixels and return the named streams."""
         return self(self.prepare(pixels))
+
+
+def run_block(block: nn.Module, *args: object, checkpoint: bool) -> torch.Tensor:
+    """``block(*args)``; with ``checkpoint`` (in training, autograd on) its activations are not kept but
+    recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant), for the blocks of the loops
+    vlkit runs itself (a library's own loop is switched through its own setting)."""
+    if checkpoint and block.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        return recompute(block, *args, use_reentrant=False)
+    return block(*args)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 class CLIPEncoder(VisionEncoder):
     """An open_clip ViT image tower. Stream ``tokens``: ``(B, grid**2 [+1 CLS], width)``."""
 
+    libraries = ("open_clip_torch",)
+
     @dataclass
     class Args:
         model: str | None = None
@@ -59,6 +61,8 @@ class CLIPEncoder(VisionEncoder):
         """Override the input size (the position embedding is interpolated when loading weights)."""
         key: str | None = None
         """Stream-name prefix the fusion sees (default: the registered name, ``clip``)."""
+        gradient_checkpointing: bool = False
+        """Recompute the transformer blocks' activations in the backward pass (less memory, slower)."""
 
         def __post_init__(self) -> None:
             check_one_source("clip", self.model, self.checkpoint, self.config,
@@ -95,6 +99,8 @@ class CLIPEncoder(VisionEncoder):
         visual.attn_pool = None
         visual.attn_pool_contrastive = None
         self.visual = visual
+        self.fsdp_wrap_block = type(visual.transformer.resblocks[0])
+        visual.set_grad_checkpointing(args.gradient_checkpointing)  # open_clip's own per-block checkpoint
         self.layer_index = index
         """Absolute index (0-based) of the block whose output is returned."""
 

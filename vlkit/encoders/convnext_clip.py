@@ -54,6 +54,8 @@ _IGNORED_VISION_KEYS = {"timm_model_pretrained", "timm_pool", "timm_proj", "timm
 class ConvNeXtCLIPEncoder(VisionEncoder):
     """An open_clip ConvNeXt image tower. Stream ``tokens``: ``(B, [1 mean +] h*w, channels)``."""
 
+    libraries = ("open_clip_torch", "timm")
+
     @dataclass
     class Args:
         model: str | None = None
@@ -79,6 +81,8 @@ class ConvNeXtCLIPEncoder(VisionEncoder):
         """Override the input size (default: the architecture's, 256 for convnext_xxlarge)."""
         key: str | None = None
         """Stream-name prefix the fusion sees (default: the registered name, ``convnext_clip``)."""
+        gradient_checkpointing: bool = False
+        """Recompute the ConvNeXt blocks' activations in the backward pass (less memory, slower)."""
 
         def __post_init__(self) -> None:
             check_one_source(_NAME, self.model, self.checkpoint, self.config,
@@ -117,6 +121,8 @@ class ConvNeXtCLIPEncoder(VisionEncoder):
         # keep stem + stages[:index + 1]; the pooled head, classifier and final norm go (norm kept above)
         trunk.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
         self.trunk = trunk
+        self.fsdp_wrap_block = type(trunk.stages[0].blocks[0])
+        trunk.set_grad_checkpointing(args.gradient_checkpointing)  # timm's own per-block checkpoint
         self.norm = final_norm
         self.stage_index = index
         """Absolute index (0-based) of the stage whose map is returned."""

@@ -46,6 +46,8 @@ def _is_weights_file(checkpoint: str) -> bool:
 class DINOv2Encoder(VisionEncoder):
     """A timm ViT. Stream ``tokens``: ``(B, [1 CLS +] grid**2, embed_dim)`` (register tokens dropped)."""
 
+    libraries = ("timm",)
+
     @dataclass
     class Args:
         model: str | None = None
@@ -67,6 +69,8 @@ class DINOv2Encoder(VisionEncoder):
         """Override the input size (the position embedding is interpolated when loading weights)."""
         key: str | None = None
         """Stream-name prefix the fusion sees (default: the registered name, ``dinov2``)."""
+        gradient_checkpointing: bool = False
+        """Recompute the transformer blocks' activations in the backward pass (less memory, slower)."""
 
         def __post_init__(self) -> None:
             if self.checkpoint is not None and _is_weights_file(self.checkpoint):
@@ -101,6 +105,8 @@ class DINOv2Encoder(VisionEncoder):
         index = resolve_layer("dinov2", args.layer, depth)
         model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
         self.model = model
+        self.fsdp_wrap_block = type(model.blocks[0])
+        model.set_grad_checkpointing(args.gradient_checkpointing)  # timm's own per-block checkpoint
         self.layer_index = index
         """Absolute index (0-based) of the block whose output is returned."""
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.encoders import existing_path, split_source
-from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder
+from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder, run_block
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
 
@@ -271,6 +271,8 @@ class Florence2Encoder(VisionEncoder):
     tokenize the prompts), ``prompt_specs``.
     """
 
+    libraries = ("transformers", "tokenizers")  # prompt token ids come from the tokenizer
+
     @dataclass
     class Args:
         checkpoint: str | None = None
@@ -297,9 +299,13 @@ class Florence2Encoder(VisionEncoder):
         image_size: int | None = None
         """Input size (default: the processor's, 768 for Florence-2; 768 for ``config``)."""
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-        """Parameter dtype (``auto``: the checkpoint's own)."""
+        """Parameter dtype (``auto``: the checkpoint's own). ``bfloat16``/``float16`` only when the encoder is
+        frozen in every stage (memory); a trained encoder stays float32, bf16 compute comes from
+        ``trainer.precision: bf16-mixed``."""
         key: str | None = None
         """Stream-name prefix the fusion sees (default: the registered name, ``florence2``)."""
+        gradient_checkpointing: bool = False
+        """Recompute the DaViT blocks' and the text encoder layers' activations in the backward pass."""
 
         def __post_init__(self) -> None:
             given = [k for k, v in (("checkpoint", self.checkpoint), ("config", self.config)) if v is not None]
@@ -339,10 +345,13 @@ class Florence2Encoder(VisionEncoder):
         else:
             assert args.checkpoint is not None
             model, processor = _from_checkpoint(args)
+        if args.gradient_checkpointing:  # the text encoder's layers, through transformers' own switch
+            model.activation_checkpointing_enable({"use_reentrant": False})
         core = model.model
         vision = core.config.vision_config
         text = core.config.text_config
         self.vision_tower = core.vision_tower
+        self.fsdp_wrap_block = type(core.vision_tower.blocks[0][0])
         self.projector = core.multi_modal_projector
         self.embed_tokens: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
@@ -417,8 +426,8 @@ class Florence2Encoder(VisionEncoder):
         maps: dict[int, torch.Tensor] = {}
         for i, (conv, blocks) in enumerate(zip(tower.convs, tower.blocks)):
             hidden = conv(hidden)
-            for block in blocks:
-                hidden = block(hidden)
+            for block in blocks:  # vlkit's loop: its blocks are checkpointed here
+                hidden = run_block(block, hidden, checkpoint=self.args.gradient_checkpointing)
             if i in self.stage_indices:
                 maps[i] = hidden
         return self.projector(hidden), maps

@@ -59,10 +59,45 @@ class HolisticEncoder(VisionEncoder):
         raise NotImplementedError
 
     def embed_sequence(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+                       attention_mask: torch.Tensor | None = None,
+                       cache: SequenceCache | None = None) -> torch.Tensor:  # pragma: no cover
         """``(B, L)`` ids (``IMAGE_TOKEN_ID`` at image positions) + ``(n_images, 3, S, S)`` pixels in [0, 1]
-        -> ``(B, L, width)``: the LLM's input embedding of every position."""
+        -> ``(B, L, width)``: the LLM's input embedding of every position.
+
+        With a ``cache`` (from :meth:`new_cache`), ``input_ids`` are the positions after those the cache
+        holds, ``attention_mask`` covers all positions (cached and new, as for the LLM), and the cache is
+        extended with the new ones: the output equals the last ``L`` positions of the whole sequence's."""
         raise NotImplementedError
+
+    def new_cache(self) -> SequenceCache:
+        """An empty key/value cache for :meth:`embed_sequence` (generation embeds each new token with it)."""
+        return SequenceCache()
+
+
+class SequenceCache:
+    """What a holistic module keeps between generation steps: every block's keys and values of the
+    sequence so far, and which of its slots are real tokens (padding masks and rotary positions continue
+    from it). vlkit's own, not transformers' ``DynamicCache``: the blocks are vlkit's, and the cache must
+    also carry the padding mask and the number of LLM positions it covers."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None
+        """``(B, S)`` bool: the cached slots that are real tokens (S = module slots, 4 per image position in
+        HD mode)."""
+        self.length = 0
+        """LLM positions covered (the length of the attention mask so far)."""
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append block ``layer``'s new ``(B, H, T, D)`` keys/values; return all of them (cached + new)."""
+        if layer < len(self.keys):
+            self.keys[layer] = torch.cat([self.keys[layer], key], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], value], dim=2)
+        else:
+            self.keys.append(key)
+            self.values.append(value)
+        return self.keys[layer], self.values[layer]
 
 
 # ------------------------------------------------------------------------------------------------- blocks
@@ -113,33 +148,40 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        """``key_mask`` ``(B, T)`` bool marks real (non-padding) positions; None: no padding."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+                cache: tuple[SequenceCache, int] | None = None) -> torch.Tensor:
+        """``key_mask`` ``(B, S)`` bool marks real (non-padding) keys; None: no padding. ``cache``: (the
+        cache, this block's index); the ``T`` queries are then the last of the ``S`` keys."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache[0].update(cache[1], k, v)
         if self.impl == "xformers":
             out = _xformers_attention(q, k, v, key_mask)
         elif key_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_padding_mask(key_mask))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_padding_mask(key_mask, t))
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _causal_padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, T, T)`` bool: query i sees key j <= i that is not padding; every query sees itself (so a
-    padding query has one key and no NaN; its output is never used)."""
-    t = key_mask.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=key_mask.device).tril()
-    eye = torch.eye(t, dtype=torch.bool, device=key_mask.device)
+def _causal_padding_mask(key_mask: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """``(B, 1, T, S)`` bool for the last ``T = queries`` (default all) of ``S`` positions: query i sees key
+    j <= i that is not padding; every query sees itself (so a padding query has one key and no NaN; its
+    output is never used)."""
+    s = key_mask.shape[1]
+    t = s if queries is None else queries
+    query = torch.arange(s - t, s, device=key_mask.device)[:, None]  # each query's own index among the keys
+    key = torch.arange(s, device=key_mask.device)[None, :]
+    causal, eye = key <= query, key == query
     return ((causal & key_mask[:, None, :]) | eye).unsqueeze(1)
 
 
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_mask: torch.Tensor | None) -> torch.Tensor:
-    """xformers memory-efficient attention on ``(B, H, T, D)`` tensors, causal (+ padding) bias."""
+    """xformers memory-efficient attention on ``(B, H, T, D)`` queries and ``(B, H, S, D)`` keys/values (the
+    queries are the last T positions), causal (+ padding) bias."""
     import xformers.ops as xops
 
     if not q.is_cuda:
@@ -150,10 +192,10 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if key_mask is None:
         bias: Any = xops.LowerTriangularMask()
     else:
-        b, t, h = q.shape[0], q.shape[1], q.shape[2]
-        allowed = _causal_padding_mask(key_mask).expand(b, h, t, t)
-        padded = (t + 7) // 8 * 8  # xformers wants the bias' last dimension 8-aligned in memory
-        bias = q.new_zeros(b, h, t, padded)[..., :t]
+        b, t, h, s = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+        allowed = _causal_padding_mask(key_mask, t).expand(b, h, t, s)
+        padded = (s + 7) // 8 * 8  # xformers wants the bias' last dimension 8-aligned in memory
+        bias = q.new_zeros(b, h, t, padded)[..., :s]
         bias.masked_fill_(~allowed, float("-inf"))
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
 
@@ -181,9 +223,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(width, eps)
         self.mlp = SwiGLU(width, hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+                cache: tuple[SequenceCache, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -279,6 +321,7 @@ class HolisticEmbedding(HolisticEncoder):
         self.mlp = nn.Sequential(nn.Linear(4 * c, c), nn.GELU(), nn.Linear(c, c))
         self.text_embed: nn.Embedding | None = None  # sized by bind_llm (vocab = the LLM's)
         hidden = args.mlp_hidden or 4 * c
+        self.fsdp_wrap_block = Block
         self.blocks = nn.ModuleList(Block(c, args.heads, hidden, args.norm_eps, args.attn_impl)
                                     for _ in range(args.depth))
         self.norm = RMSNorm(c, args.norm_eps)
@@ -355,23 +398,27 @@ class HolisticEmbedding(HolisticEncoder):
         return {"tokens": self._sequence(ids, tokens, grid, None)}
 
     def embed_sequence(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None,
+                       cache: SequenceCache | None = None) -> torch.Tensor:
         """``(B, L)`` ids with ``num_tokens`` ``IMAGE_TOKEN_ID`` positions per image, ``(n_images, 3, S, S)``
         pixels in [0, 1] (resized and normalised here) -> ``(B, L, width)`` LLM input embeddings.
 
         ``attention_mask`` ``(B, L)`` marks real tokens (padding on either side); positions count real
-        tokens only, so left- and right-padded copies of a sequence embed alike.
+        tokens only, so left- and right-padded copies of a sequence embed alike. With a ``cache``
+        (:meth:`new_cache`) only the new positions run through the blocks, against the cached keys/values:
+        ``input_ids`` are the positions after the cached ones (``pixel_values`` their images) and
+        ``attention_mask`` covers all of them (cached + new); the cache is extended in place.
         """
         n_slots = int((input_ids == IMAGE_TOKEN_ID).sum())
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image-token positions but no pixel_values were given")
-            return self._sequence(input_ids, None, (0, 0), attention_mask)
+            return self._sequence(input_ids, None, (0, 0), attention_mask, cache)
         tokens, grid = self.image_tokens(self.prepare(pixel_values))
-        return self._sequence(input_ids, tokens, grid, attention_mask)
+        return self._sequence(input_ids, tokens, grid, attention_mask, cache)
 
     def _sequence(self, input_ids: torch.Tensor, image: torch.Tensor | None, grid: tuple[int, int],
-                  attention_mask: torch.Tensor | None) -> torch.Tensor:
+                  attention_mask: torch.Tensor | None, cache: SequenceCache | None = None) -> torch.Tensor:
         """Run the interleaved sequence through the blocks; ``image`` holds the image tokens in order."""
         if self.text_embed is None:
             raise RuntimeError("holistic encoder: no text embedding table yet; build the model with "
@@ -379,7 +426,11 @@ class HolisticEmbedding(HolisticEncoder):
         b, length = input_ids.shape
         device = input_ids.device
         image_mask = input_ids == IMAGE_TOKEN_ID
-        valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
+        past = 0 if cache is None else cache.length
+        if attention_mask is not None and attention_mask.shape != (b, past + length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the {b} sequence(s) "
+                             f"have {past} cached + {length} new positions; pass the mask of all of them")
+        valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, past:].bool()
         n_image = 0 if image is None else image.shape[0] * image.shape[1]
         expand = 4 if self.args.hd else 1  # module slots per LLM image position
         if n_image != int(image_mask.sum()) * expand:
@@ -405,11 +456,22 @@ class HolisticEmbedding(HolisticEncoder):
             x = text.gather(1, source.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
             if image is not None:
                 x = x.masked_scatter(slot_image.unsqueeze(-1), image.to(x.dtype))
-        positions = (slot_valid.long().cumsum(1) - 1).clamp(min=0)
+        if cache is None:
+            positions = (slot_valid.long().cumsum(1) - 1).clamp(min=0)
+            key_mask = None if bool(slot_valid.all()) else slot_valid
+        else:  # positions continue from the cached real tokens; the queries see the cached keys
+            seen = torch.zeros(b, 1, dtype=torch.long, device=device) if cache.valid is None \
+                else cache.valid.sum(1, keepdim=True)
+            positions = (seen + slot_valid.long().cumsum(1) - 1).clamp(min=0)
+            cache.valid = slot_valid if cache.valid is None else torch.cat([cache.valid, slot_valid], dim=1)
+            cache.length = past + length
+            # the first chunk without padding attends as without a cache (is_causal); later ones need the mask
+            key_mask = None if past == 0 and bool(slot_valid.all()) else cache.valid
         cos, sin = rotary(positions, self.width // self.args.heads, self.args.rope_theta)
-        key_mask = None if bool(slot_valid.all()) else slot_valid
-        for block in self.blocks:
-            if self.args.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cos, sin, key_mask, (cache, i))
+            elif self.args.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, key_mask)

@@ -83,6 +83,8 @@ class Blip2QFormerTower(Blip2PreTrainedModel):
 class QFormerEncoder(VisionEncoder):
     """A BLIP-2 Q-Former over its own ViT. Stream ``queries``: ``(B, num_query_tokens, qformer hidden)``."""
 
+    libraries = ("transformers",)
+
     @dataclass
     class Args:
         checkpoint: str | None = None
@@ -95,6 +97,8 @@ class QFormerEncoder(VisionEncoder):
         """Override the input size (the vision tower's position embedding is interpolated)."""
         key: str | None = None
         """Stream-name prefix the fusion sees (default: the registered name, ``qformer``)."""
+        gradient_checkpointing: bool = False
+        """Recompute the ViT and Q-Former layers' activations in the backward pass (less memory, slower)."""
 
         def __post_init__(self) -> None:
             if (self.checkpoint is None) == (self.config is None):
@@ -136,6 +140,9 @@ class QFormerEncoder(VisionEncoder):
         self.num_tokens = int(config.num_query_tokens)
         self.stream_dims = {"queries": int(config.qformer_config.hidden_size)}
         self.preprocess = Preprocess(size=size, mean=mean, std=std)
+        self.fsdp_wrap_block = type(self.tower.vision_model.encoder.layers[0])
+        if args.gradient_checkpointing:  # transformers' own switch (its layers recompute themselves)
+            self.tower.activation_checkpointing_enable({"use_reentrant": False})
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, S, S)`` normalised pixels -> ``{"queries": (B, num_query_tokens, hidden)}``."""

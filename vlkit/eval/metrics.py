@@ -36,6 +36,8 @@ class Metric:
     override :meth:`compute` (corpus-level)."""
 
     name: str = ""
+    scores_generated: bool = True
+    """Whether it scores generated answers (in-loop validation); False: it needs choices ranked by likelihood."""
 
     def __init__(self) -> None:
         self.items: list[tuple[str, list[str]]] = []
@@ -183,6 +185,7 @@ class MultipleChoice(Metric):
     reference the gold choice."""
 
     name = "multiple_choice"
+    scores_generated = False
 
     def score(self, pred: str, refs: list[str]) -> float:
         return float(pred.strip() in {r.strip() for r in refs})
@@ -221,8 +224,9 @@ class CIDEr(Metric):
 METRICS: dict[str, type[Metric]] = {m.name: m for m in (ExactMatch, VQAAccuracy, ANLS, MultipleChoice, CIDEr)}
 
 
-def check_metric_names(names: Sequence[str], where: str = "eval.metrics") -> None:
-    """RecipeError naming an unknown metric (with a suggestion) or a duplicate."""
+def check_metric_names(names: Sequence[str], where: str = "eval.metrics", generated: bool = False) -> None:
+    """RecipeError naming an unknown metric (with a suggestion) or a duplicate; ``generated``: also one that
+    cannot score generated answers (in-loop validation)."""
     if not names:
         raise RecipeError(f"name at least one metric ({', '.join(METRICS)})", where)
     for i, name in enumerate(names):
@@ -232,6 +236,10 @@ def check_metric_names(names: Sequence[str], where: str = "eval.metrics") -> Non
             raise RecipeError(f"unknown metric {name!r}.{hint} Metrics: {', '.join(METRICS)}", f"{where}[{i}]")
         if list(names).index(name) != i:
             raise RecipeError(f"metric {name!r} is listed twice", f"{where}[{i}]")
+        if generated and not METRICS[name].scores_generated:
+            raise RecipeError(f"{name} ranks a sample's choices by likelihood, but validation scores generated "
+                              "answers; run a multiple-choice lmms-eval task through `vlkit eval` (or a sweep's "
+                              "`eval:` block) instead", f"{where}[{i}]")
 
 
 def build_metrics(names: Sequence[str]) -> list[Metric]:

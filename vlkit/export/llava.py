@@ -270,7 +270,7 @@ def export_llava(model: VLM, out: str | Path, *, max_shard_size: int | str = "5G
         LlavaProcessor,
     )
 
-    from vlkit.training.checkpoint import atomic_dir
+    from vlkit.atomic import atomic_dir
 
     _, encoder, spec = _check(model)
     image_processor = _image_processor(model, encoder)
@@ -345,16 +345,23 @@ def is_llava_folder(folder: str | Path) -> bool:
         return False
 
 
-def llava_model_section(folder: str | Path) -> dict[str, Any]:
+def llava_model_section(folder: str | Path, tokenizer: str | None = None) -> dict[str, Any]:
     """The vlkit ``model:`` section of a LLaVA folder with a CLIP vision tower (read from its config files;
-    nothing is downloaded or built)."""
+    nothing is downloaded or built). The LLM's tokenizer is read from ``tokenizer`` (default: the folder).
+
+    Configs written as differences from the defaults (as the Hub's ``llava-hf`` ones are) are completed with
+    transformers' own ``CLIPVisionConfig`` defaults; the text config keeps its ``model_type``'s defaults."""
+    from transformers import CLIPVisionConfig
+
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    vision, text = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    vision, text = cfg.get("vision_config") or {}, dict(cfg.get("text_config") or {})
     where = f"{folder / 'config.json'}"
-    if vision.get("model_type") != "clip_vision_model":
+    if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise CheckpointError(f"{where}: vision tower {vision.get('model_type')!r} is not a CLIP ViT; vlkit reads "
                               "LLaVA folders with a CLIP vision tower")
+    vision = {**CLIPVisionConfig().to_dict(), **vision}
+    text.setdefault("model_type", "llama")  # LlavaConfig's default text model
     layers = int(vision["num_hidden_layers"])
     feature_layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int) or not (-layers <= feature_layer <= layers) or feature_layer == 0:
@@ -392,7 +399,7 @@ def llava_model_section(folder: str | Path) -> dict[str, Any]:
     return {
         "encoders": [encoder],
         "fusion": {"name": "mlp", "projector": "mlp2x_gelu" if projector_act == "gelu" else "linear"},
-        "llm": {"name": "hf_causal", "config": text, "tokenizer": str(folder), "chat_template": "auto"},
+        "llm": {"name": "hf_causal", "config": text, "tokenizer": tokenizer or str(folder), "chat_template": "auto"},
         "views": None,
         "resize_policy": policy,
     }

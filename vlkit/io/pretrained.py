@@ -127,7 +127,7 @@ def save_pretrained(model: VLM, folder: str | Path, *, max_shard_size: int | str
     """
     from huggingface_hub import save_torch_state_dict
 
-    from vlkit.training.checkpoint import atomic_dir
+    from vlkit.atomic import atomic_dir
 
     folder = Path(folder)
     _check_target(folder)
@@ -269,9 +269,31 @@ def _stage_recipe(checkpoint: Path) -> Path:
                           f"({checkpoint.parent.parent})")
 
 
+def _stage_index(checkpoint: Path) -> int:
+    """The index of the stage a checkpoint ``<run>/stage<i>-<name>/last`` belongs to."""
+    name = checkpoint.parent.name
+    index = name[len("stage"):].split("-", 1)[0]
+    if not name.startswith("stage") or not index.isdigit():
+        raise CheckpointError(f"{checkpoint} is not in a stage folder (<run>/stage<i>-<name>/last), so the stage "
+                              "whose LoRA adapters it holds is unknown")
+    return int(index)
+
+
+def _merged(model: VLM) -> VLM:
+    """``model`` with the LoRA adapters it holds folded into its weights (a plain model, as after ``lora:
+    merge``), in eval mode."""
+    from vlkit.training.lora import adapted_parts, unload
+
+    if adapted_parts(model):
+        unload(model, merge=True)
+    return model.eval()
+
+
 def from_pretrained(source: str | Path) -> VLM:
     """A VLM, in eval mode, from a saved model (:func:`save_pretrained`), a run folder (its latest stage
-    checkpoint) or one stage checkpoint (``<run>/stage*/last``), or a Hugging Face LLaVA folder."""
+    checkpoint) or one stage checkpoint (``<run>/stage*/last``), or a Hugging Face LLaVA folder.
+
+    A checkpoint of a stage that holds LoRA adapters gives the model with them merged into its weights."""
     path = Path(source).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{source}: no such folder; expected a vlkit saved model ({CONFIG}), a run folder "
@@ -287,13 +309,16 @@ def from_pretrained(source: str | Path) -> VLM:
     from vlkit.config import load_recipe
     from vlkit.model import build_model
     from vlkit.training.fit import load_run, load_stage_weights
+    from vlkit.training.lora import sync_lora
 
     if (path / "recipe.yaml").is_file():
-        return load_run(path)[1]
+        return _merged(load_run(path)[1])
     if (path / WEIGHTS).is_file() and (path / "state.pt").is_file():
-        model = build_model(load_recipe(_stage_recipe(path)))
+        recipe = load_recipe(_stage_recipe(path))
+        model = build_model(recipe)
+        sync_lora(model, recipe.stages[: _stage_index(path) + 1])  # the adapters this checkpoint holds
         load_stage_weights(model, path)
-        return model.eval()
+        return _merged(model)
     raise CheckpointError(f"{path} is neither a vlkit saved model ({CONFIG}), a run folder (recipe.yaml) nor a "
                           "stage checkpoint (model.safetensors + state.pt)")
 

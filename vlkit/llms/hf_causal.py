@@ -80,7 +80,9 @@ class HFCausalLM(LLM):
         chat_template: str = "auto"
         """``auto`` (the tokenizer's own Jinja template) or a built-in: chatml, llama3, phi3, vicuna, plain."""
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-        """Parameter dtype (``auto``: the checkpoint's own; float32 for random init)."""
+        """Parameter dtype (``auto``: the checkpoint's own; float32 for random init). ``bfloat16``/``float16``
+        only when the LLM's own weights train in no stage (frozen, or under LoRA adapters, which stay
+        float32); a trained LLM stays float32, bf16 compute comes from ``trainer.precision: bf16-mixed``."""
         attn_implementation: str | None = None
         """e.g. ``sdpa``, ``eager``, ``flash_attention_2`` (default: transformers' choice)."""
         trust_remote_code: bool = False

@@ -29,6 +29,9 @@ class EmbeddingStrategy:
     cache_refusal: ClassVar[str | None] = None
     """Why this strategy's image features cannot be cached (None: the encoders' streams depend on the
     image only, so the feature cache serves them)."""
+    packing_refusal: ClassVar[str | None] = None
+    """Why this strategy cannot train on packed batches (``data.train.packing``; None: it can, because only
+    the LLM sees the whole row, which keeps attention within each sample from the position ids)."""
 
     # ------------------------------------------------------------------------------------- selection
 
@@ -75,4 +78,21 @@ def run_frozen_without_grad(module: nn.Module):
     return torch.set_grad_enabled(torch.is_grad_enabled() and not frozen)
 
 
-__all__ = ["EmbeddingStrategy", "run_frozen_without_grad"]
+def trains_any(model: nn.Module, modules: Sequence[nn.Module | None]) -> bool:
+    """Whether ``model`` is training with autograd on and some parameter of ``modules`` requires grad."""
+    return model.training and torch.is_grad_enabled() and any(
+        p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+
+def with_zero_weight(embeds: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``embeds`` unchanged in value but depending on ``tensor`` with weight 0, so every trainable parameter
+    behind ``tensor`` gets a (zero) gradient.
+
+    For text-only batches in training: data parallelism (DDP) needs every trainable parameter used on every
+    rank at every step, and a rank whose batch has no image would otherwise leave the vision path out (the
+    step fails or hangs); a sharded strategy also gathers those parameters in the forward on every rank.
+    Summed in fp32: an fp16 sum of many values can overflow, and 0 * inf is NaN."""
+    return embeds + tensor.float().sum().mul(0).to(embeds.dtype)
+
+
+__all__ = ["EmbeddingStrategy", "run_frozen_without_grad", "trains_any", "with_zero_weight"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from vlkit.constants import IMAGE_TOKEN_ID
 from vlkit.errors import RecipeError
-from vlkit.strategies.base import EmbeddingStrategy
+from vlkit.strategies.base import EmbeddingStrategy, trains_any, with_zero_weight
 
 if TYPE_CHECKING:
     from vlkit.config import ModelConfig
@@ -62,6 +62,10 @@ class SpliceStrategy(EmbeddingStrategy):
             visual = model.encode_images(pixel_values.to(embeds.device))
         elif n_slots:
             raise ValueError(f"input_ids hold {n_slots} image-token positions but no pixel_values were given")
+        elif trains_any(model, [*model.encoders.values(), model.fusion]):
+            # a text-only batch while the vision path trains: one blank image through it, with weight 0
+            blank = embeds.new_zeros(1, 3, model.image_size, model.image_size, dtype=torch.float32)
+            return with_zero_weight(embeds, model.encode_images(blank))
         else:
             return embeds
         visual = visual.to(embeds.dtype)

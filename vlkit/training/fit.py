@@ -6,7 +6,8 @@ Run folder layout::
     stage0-<name>/last/            checkpoint: model.safetensors + state.pt (optimizer, scheduler, progress)
     stage0-<name>/metrics.csv      training and validation metrics (Lightning CSV logger)
     stage0-<name>/done.json        written when the stage finished: its final validation metrics
-    stage0-<name>/data-rank<r>.json  shards and sample counts each rank trained on
+    stage0-<name>/data-rank<r>.json  shards and sample counts each rank trained on, its validation steps
+                                   in the final validation (padding batches included) and padding count
     summary.json                   final validation metrics, majority baseline, timings
 
 Running again on the same folder skips finished stages and resumes an unfinished one from ``last/``.
@@ -31,6 +32,7 @@ from rich.console import Console
 
 from vlkit.config import Recipe
 from vlkit.errors import CheckpointError, RecipeError
+from vlkit.eval.budget import with_answer_budget
 from vlkit.model import VLM, build_model
 from vlkit.module import VLMModule
 from vlkit.objectives.base import build_objective
@@ -44,7 +46,15 @@ MODEL_PREFIX = "model."
 
 
 class PeriodicCheckpoint(Callback):
-    """Save ``dirpath`` every ``every`` optimizer steps and when training ends (atomically, rank 0 writes)."""
+    """Save ``dirpath`` every ``every`` optimizer steps and when training ends (atomically, rank 0 writes).
+
+    Why not Lightning's ``ModelCheckpoint(every_n_train_steps=N, save_last=True, save_top_k=0)``: a stage
+    ends at ``max_steps`` inside an endless stream, and ModelCheckpoint's end-of-training save is skipped
+    once any earlier step was saved (``on_train_end`` checks ``_last_checkpoint_saved``), so a stage whose
+    ``max_steps`` is not a multiple of N would resume from a stale step; it also appends ``.ckpt`` and
+    version suffixes (``last-v1``) to the one folder name that resume and export look up. What is left here
+    is the step test; the saving itself is Lightning's (``trainer.save_checkpoint`` through
+    :class:`~vlkit.training.checkpoint.SafetensorsCheckpointIO`)."""
 
     def __init__(self, dirpath: Path, every: int) -> None:
         self.dirpath = dirpath
@@ -178,14 +188,17 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, VLM]:
 
 
 def _trainer(recipe: Recipe, stage_idx: int, stage_dir: Path, run_dir: Path,
-             callbacks: list[Callback]) -> L.Trainer:
+             callbacks: list[Callback], model: VLM) -> L.Trainer:
     stage = recipe.stages[stage_idx]
     t = recipe.trainer
     from vlkit.data.base import stage_data_seed
     from vlkit.training.resume_state import ResumeState
+    from vlkit.training.strategy import build_strategy
+    from vlkit.training.throughput import ThroughputLogger
 
     cbs: list[Callback] = [ResumeState(stage_data_seed(recipe.seed, stage.name)),
-                           PeriodicCheckpoint(stage_dir / "last", t.checkpoint_every), *callbacks]
+                           PeriodicCheckpoint(stage_dir / "last", t.checkpoint_every),
+                           ThroughputLogger(t.peak_flops), *callbacks]
     cbs += [*progress_callbacks(f"stage {stage_idx} {stage.name!r}", t.progress_bar,
                                                    t.log_every_n_steps)]
     val_every = stage.val_every * stage.accumulate if stage.val_every else None
@@ -195,7 +208,7 @@ def _trainer(recipe: Recipe, stage_idx: int, stage_dir: Path, run_dir: Path,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy, model),
         precision=stage.precision or t.precision,
         accumulate_grad_batches=stage.accumulate,
         gradient_clip_val=stage.grad_clip,
@@ -228,6 +241,7 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
     train_data = DATASETS.build(recipe.data.train, "data.train")
     val_data = DATASETS.build(recipe.data.val, "data.val") if recipe.data.val else None
     baseline = majority_baseline(train_data, recipe.eval.baseline_samples) if val_data else {}
+    eval_cfg = with_answer_budget(recipe.eval, model, val_data)
 
     pending: Path | None = None  # weights of the last finished stage, loaded lazily
     stage_results: list[dict[str, Any]] = []
@@ -255,12 +269,12 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         sync_lora(model, recipe.stages[: i + 1])  # this stage's `lora:` (new adapters, or merge)
         apply_trainable(model, stage, f"stages[{i}]")
         data = _stage_data(recipe, i, train_data)
-        objective = build_objective(stage, model, recipe.eval, baseline, seed=recipe.seed, where=f"stages[{i}]")
+        objective = build_objective(stage, model, eval_cfg, baseline, seed=recipe.seed, where=f"stages[{i}]")
         if recipe.data.feature_cache and not objective.needs_pixels:
             data = _with_feature_cache(recipe, i, model, data, console)
-        module = VLMModule(model, stage, recipe.eval, data, val_data, baseline, seed=recipe.seed,
-                           objective=objective)
-        trainer = _trainer(recipe, i, stage_dir, run_dir, list(callbacks or []))
+        module = VLMModule(model, stage, eval_cfg, data, val_data, baseline, seed=recipe.seed,
+                           objective=objective, where=f"stages[{i}]")
+        trainer = _trainer(recipe, i, stage_dir, run_dir, list(callbacks or []), model)
         stage_start = time.time()
         resume_step = _checkpoint_step(resume) if ckpt_path else 0
         with _keep_metrics_before(stage_dir / "metrics.csv", resume_step):
@@ -273,7 +287,8 @@ def fit(recipe: Recipe, run_dir: str | Path | None = None, callbacks: list[Callb
         result = {"stage": stage.name, "steps": trainer.global_step, "seconds": time.time() - stage_start,
                   "val": metrics}
         _write_json(stage_dir / f"data-rank{trainer.global_rank}.json",
-                    {"samples_by_shard": dict(module.shards_seen), "samples": sum(module.shards_seen.values())})
+                    {"samples_by_shard": dict(module.shards_seen), "samples": sum(module.shards_seen.values()),
+                     "val_batches": module.val_batches, "val_padding_batches": module.val_padding})
         if trainer.is_global_zero:
             _write_json(done, result)
         trainer.strategy.barrier()
@@ -301,7 +316,7 @@ def _stage_data(recipe: Recipe, index: int, train_data: Any) -> Any:
 def _with_feature_cache(recipe: Recipe, index: int, model: VLM, data: Any, console: Console) -> Any:
     """``data`` reading the cached streams of the model's encoders, when they are all frozen in stage
     ``index`` (the cache is built for the encoders' current weights where missing); else ``data``."""
-    from vlkit.data.feature_cache import build_cache
+    from vlkit.data.feature_cache import build_cache, cache_device
 
     stage = recipe.stages[index]
     if any(p.requires_grad for p in model.encoders.parameters()):
@@ -311,7 +326,9 @@ def _with_feature_cache(recipe: Recipe, index: int, model: VLM, data: Any, conso
         raise RecipeError(f"the {type(data).__name__} dataset of stage {index} cannot read a feature cache; "
                           "remove data.feature_cache", "data.feature_cache")
     reader = build_cache(recipe, model, data.shards, recipe.data.feature_cache,
-                         show_progress=recipe.trainer.progress_bar)
+                         show_progress=recipe.trainer.progress_bar,  # encoded where and as the stage trains:
+                         precision=stage.precision or recipe.trainer.precision,
+                         device=cache_device(None, recipe.trainer.accelerator))
     console.print(f"stage {index} {stage.name!r}: encoders frozen, training reads cached streams from "
                   f"{reader.folder}")
     return data.with_feature_cache(reader)
@@ -324,9 +341,10 @@ def evaluate(recipe: Recipe, model: VLM) -> dict[str, float]:
     train_data = DATASETS.build(recipe.data.train, "data.train")
     val_data = DATASETS.build(recipe.data.val, "data.val")
     baseline = majority_baseline(train_data, recipe.eval.baseline_samples)
-    lm = OBJECTIVES.build({"name": "lm"}, "eval", model=model, eval_cfg=recipe.eval, baseline=baseline,
+    eval_cfg = with_answer_budget(recipe.eval, model, val_data)
+    lm = OBJECTIVES.build({"name": "lm"}, "eval", model=model, eval_cfg=eval_cfg, baseline=baseline,
                           seed=recipe.seed)  # answers on data.val, whatever the last stage optimised
-    module = VLMModule(model, recipe.stages[-1], recipe.eval, train_data, val_data, baseline, seed=recipe.seed,
+    module = VLMModule(model, recipe.stages[-1], eval_cfg, train_data, val_data, baseline, seed=recipe.seed,
                        objective=lm)
     trainer = L.Trainer(accelerator=recipe.trainer.accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,

@@ -98,6 +98,11 @@ def inject(model: nn.Module, part: str, lora: LoraConfig, where: str = "lora") -
         peft.inject_adapter_in_model(config, target)
     except ValueError as exc:
         raise RecipeError(f"peft cannot put LoRA on part {part!r}: {exc}", f"{where}.targets") from exc
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    # adapters take the base layer's dtype; on a bf16/fp16 frozen base they train in float32 (as PeftModel's
+    # default autocast_adapter_dtype), so their small updates do not round away
+    cast_adapter_dtype(target, "default")
     model.__dict__.setdefault(_ADAPTED, {})[part] = lora
     return sum(p.numel() for _, p in adapter_parameters(target))
 

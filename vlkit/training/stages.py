@@ -44,6 +44,28 @@ def apply_trainable(model: nn.Module, stage: StageConfig, where: str = "stages")
         p.requires_grad_(False)
     for path in stage.lrs:
         _resolve(model, path, f"{where}.lrs.{path}")
+    check_trainable_dtypes(model, stage, where)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def check_trainable_dtypes(model: nn.Module, stage: StageConfig, where: str = "stages") -> None:
+    """Refuse a stage that would train weights stored in bf16/fp16: AdamW's updates below their resolution
+    (7.8e-3 at 1.0 in bf16) round away. The recipe check catches ``dtype: bfloat16`` on a trained part; this
+    catches what only the loaded weights tell (``dtype: auto`` on a half-precision checkpoint)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in HALF:
+            part = _part_of(model, name)
+            raise RecipeError(
+                f"stage {stage.name!r} trains {name} ({part}), whose weights are stored in {p.dtype}: AdamW's "
+                f"updates round away there. Load {part} in float32 (its `dtype: float32`, not auto or a half "
+                "precision) and compute in bf16 with `trainer.precision: bf16-mixed`", f"{where}.trainable")
+
+
+def _part_of(model: nn.Module, name: str) -> str:
+    """The part (``encoders.<key>``, ``fusion``, ``llm``, ...) a parameter name belongs to."""
+    return next((part for part, _ in _parts(model) if name.startswith(part + ".")), name.split(".")[0])
 
 
 def _longest_prefix(name: str, prefixes: Sequence[str]) -> str | None:
@@ -94,20 +116,29 @@ class PartCount:
     trainable: int
     adapters: int = 0
     """LoRA adapter parameters (part of ``total``)."""
+    dtypes: str = ""
+    """The dtypes its parameters are stored in, e.g. ``fp32`` or ``bf16+fp32`` (a bf16 base, fp32 adapters)."""
 
 
-def count_parts(model: nn.Module) -> list[PartCount]:
-    """Trainable vs total parameters per encoder, fusion and LLM."""
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     parts: list[tuple[str, nn.Module]] = []
     encoders = getattr(model, "encoders", None)
     if isinstance(encoders, nn.ModuleDict):
         parts += [(f"encoders.{k}", m) for k, m in encoders.items()]
-    parts += [(n, m) for n, m in model.named_children() if n != "encoders"]
+    return parts + [(n, m) for n, m in model.named_children() if n != "encoders"]
+
+
+def count_parts(model: nn.Module) -> list[PartCount]:
+    """Trainable vs total parameters per encoder, fusion and LLM, and the dtypes they are stored in."""
     rows = []
-    for name, module in parts:
+    for name, module in _parts(model):
         ps = list(module.parameters())
+        dtypes = "+".join(sorted({_SHORT.get(p.dtype, str(p.dtype).removeprefix("torch.")) for p in ps}))
         rows.append(PartCount(name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad),
-                              sum(p.numel() for _, p in adapter_parameters(module))))
+                              sum(p.numel() for _, p in adapter_parameters(module)), dtypes))
     return rows
 
 
@@ -115,28 +146,33 @@ def print_param_table(model: nn.Module, stage: StageConfig, console: Console | N
     """Print (and return) the table of trainable vs frozen parameters per part for a stage."""
     rows = count_parts(model)
     table = Table(title=f"stage {stage.name!r}: what trains")
-    for col in ("part", "parameters", "trainable", "frozen", "lora", "status"):
-        table.add_column(col, justify="left" if col in ("part", "status") else "right")
+    for col in ("part", "parameters", "trainable", "frozen", "lora", "dtype", "status"):
+        table.add_column(col, justify="left" if col in ("part", "dtype", "status") else "right")
     for r in rows:
         status = "train" if r.trainable == r.total else ("frozen" if r.trainable == 0 else "partial")
         table.add_row(r.part, f"{r.total:,}", f"{r.trainable:,}", f"{r.total - r.trainable:,}", f"{r.adapters:,}",
-                      status)
+                      r.dtypes, status)
     total = sum(r.total for r in rows)
     train = sum(r.trainable for r in rows)
     table.add_row("total", f"{total:,}", f"{train:,}", f"{total - train:,}", f"{sum(r.adapters for r in rows):,}",
-                  "", style="bold")
+                  "", "", style="bold")
     (console or Console()).print(table)
     return rows
 
 
-def build_optimizer(model: nn.Module, stage: StageConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: nn.Module, stage: StageConfig, precision: str = "32-true"
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable parameters only, with the stage's warmup + schedule (stepped per step).
 
     Plain parameters on CPU or CUDA get torch's fused AdamW (its CPU default is a per-parameter loop: on
-    the Florence demo 10.9 ms per step, fused 2.2 ms); others (e.g. sharded parameters) get the default."""
+    the Florence demo 10.9 ms per step, fused 2.2 ms); others (e.g. sharded parameters) get the default, and
+    so do stages that clip gradients under mixed ``precision`` (Lightning refuses to clip for an optimizer
+    that unscales gradients itself, as the fused one does)."""
     groups = param_groups(model, stage)
     params = [p for group in groups for p in group["params"]]
-    opt = torch.optim.AdamW(groups, betas=tuple(stage.betas), fused=_fusable(params) or None)
+    mixed = precision.endswith("-mixed") or precision in ("16", "bf16")
+    fused = _fusable(params) and not (mixed and stage.grad_clip)
+    opt = torch.optim.AdamW(groups, betas=tuple(stage.betas), fused=fused or None)
     return opt, build_scheduler(opt, stage)
 
 
