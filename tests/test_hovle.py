@@ -202,8 +202,11 @@ def test_generation_embeds_new_tokens_with_the_module(hovle_recipe: Path):
         assert torch.equal(token, new[:, step])
         ref_ids = torch.cat([ref_ids, token[:, None]], 1)
         ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], 1)
-    answers = model.answer([image(), None], ["What color is the square?", "How many shapes?"], max_new_tokens=3)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    questions = ["What color is the square?", "How many shapes?"]
+    answers = model.answer([image(), None], questions, max_new_tokens=3)
+    # batched (left-padded, one row without image) answers equal the rows answered alone
+    assert answers == [model.answer([image()], questions[:1], max_new_tokens=3)[0],
+                       model.answer([None], questions[1:], max_new_tokens=3)[0]]
 
 
 def test_distillation_loss_zero_at_target_and_decreasing(hovle_recipe: Path):
@@ -322,7 +325,6 @@ def test_three_stage_fit_writes_distill_metrics_and_resumes(hovle_recipe: Path, 
     assert [s["steps"] for s in stages] == [4, 3, 3]
     distill = stages[0]["val"]
     assert {"val/loss", "val/cos_image", "val/cos_text"} <= set(distill)
-    assert -1 <= distill["val/cos_image"] <= 1 and -1 <= distill["val/cos_text"] <= 1
     assert "val/accuracy" not in distill
     for key in ("val/accuracy", "val/baseline"):
         assert key in summary["val"] and key in stages[2]["val"]
