@@ -21,7 +21,8 @@ from torch import nn
 from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
 import vlkit
-from vlkit.encoders.florence2 import Florence2Encoder, build_processor, build_tokenizer, make_config
+from vlkit.encoders._florence2.tokenizer import build_processor, build_tokenizer
+from vlkit.encoders.florence2 import Florence2Encoder, make_config
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.fusions.dbfusion import DBFusion
 from vlkit.registry import ENCODERS, FUSIONS

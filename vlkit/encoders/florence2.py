@@ -36,7 +36,7 @@ import dataclasses
 import difflib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,176 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.encoders import existing_path, split_source
+from vlkit.encoders._florence2.prompts import DEFAULT_PROMPTS, PromptSpec, error, parse_prompt
+from vlkit.encoders._florence2.tokenizer import build_processor, build_tokenizer, tokenize_prompts
 from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder, run_block
-from vlkit.errors import CheckpointError, RecipeError
+from vlkit.errors import CheckpointError
 from vlkit.registry import ENCODERS
 
 logger = logging.getLogger(__name__)
 
-TASKS: dict[str, str] = {
-    "ocr": "What is the text in the image?",
-    "ocr_with_region": "What is the text in the image, with regions?",
-    "caption": "What does the image describe?",
-    "detailed_caption": "Describe in detail what is shown in the image.",
-    "more_detailed_caption": "Describe with a paragraph what is shown in the image.",
-    "od": "Locate the objects with category name in the image.",
-    "dense_region_caption": "Locate the objects in the image, with their descriptions.",
-    "region_proposal": "Locate the region proposals in the image.",
-}
-"""Florence-2 tasks without input: recipe name -> the text the processor expands ``<NAME>`` to."""
-
-TASKS_WITH_INPUT: dict[str, str] = {
-    "caption_to_phrase_grounding": "Locate the phrases in the caption: {input}",
-    "referring_expression_segmentation": "Locate {input} in the image with mask",
-    "region_to_segmentation": "What is the polygon mask of region {input}",
-    "open_vocabulary_detection": "Locate {input} in the image.",
-    "region_to_category": "What is the region {input}?",
-    "region_to_description": "What does the region {input} describe?",
-    "region_to_ocr": "What text is in the region {input}?",
-}
-"""Florence-2 tasks that take an input, written in a prompt as ``"<TASK_TOKEN> input"``."""
-
-DEFAULT_PROMPTS: tuple[str, ...] = ("detailed_caption", "ocr", "dense_region_caption")
-"""Florence-VL's breadth prompts."""
-
-SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>", "<image>")
-"""Special tokens of the offline tokenizer, at BART's ids (bos 0, pad 1, eos 2, unk 3) plus ``<image>``."""
-
-_TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_TASK_TOKEN = re.compile(r"<([A-Z][A-Z0-9_]*)>")
-_STREAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One breadth prompt: the stream it produces and the text handed to the Florence-2 processor."""
-
-    name: str
-    """Stream name (``detailed_caption``, or the name given in ``{name: text}``, or ``prompt<i>``)."""
-    text: str
-    """Processor input: a task token (``<DETAILED_CAPTION>``), ``<TASK> input``, or free text."""
-
-
-def _error(message: str, arg: str | None = None) -> RecipeError:
-    """A RecipeError whose message names the encoder and its argument (the registry adds the encoder's key)."""
-    return RecipeError(f"florence2 encoder: `{arg}`: {message}" if arg else f"florence2 encoder: {message}")
-
-
-def _task_hint(word: str) -> str:
-    close = difflib.get_close_matches(word, [*TASKS, *TASKS_WITH_INPUT], n=2, cutoff=0.6)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
-def parse_prompt(entry: str | dict[str, str], index: int) -> PromptSpec:
-    """Turn one ``prompts:`` entry into a :class:`PromptSpec`; RecipeError naming ``prompts[index]`` if invalid.
-
-    Entries: a task name (``detailed_caption``), a task token (``<OCR>``), a task with input
-    (``"<OPEN_VOCABULARY_DETECTION> red car"``), free text with spaces (stream ``prompt<index>``), or a
-    one-key mapping ``{stream_name: any of those}``.
-    """
-    key = f"prompts[{index}]"
-    name: str | None = None
-    if isinstance(entry, dict):
-        if len(entry) != 1:
-            raise _error(f"a named prompt is a one-key mapping {{stream_name: text}}, got "
-                         f"{entry!r}", key)
-        ((name, text),) = entry.items()
-        if not isinstance(name, str) or not _STREAM_NAME.fullmatch(name):
-            raise _error(f"prompt stream name {name!r} must be an identifier "
-                         f"(letters, digits, _)", key)
-        if not isinstance(text, str):
-            raise _error(f"prompt {name!r} must be text, got {text!r}", key)
-    else:
-        text = entry
-    text = text.strip()
-    if not text:
-        raise _error("empty prompt", key)
-    token = _TASK_TOKEN.match(text)
-    if _TASK_NAME.fullmatch(text):  # a bare lower-case word is a task name, never free text
-        if text not in TASKS:
-            extra = (f" '{text}' needs an input: write \"<{text.upper()}> your input\"" if text in TASKS_WITH_INPUT
-                     else "")
-            raise _error(
-                f"unknown Florence-2 task {text!r}.{_task_hint(text)}{extra} Tasks: "
-                f"{', '.join(TASKS)}. Free-text prompts are sentences (e.g. 'What is in the image?') or "
-                f"{{name: text}} mappings", key)
-        return PromptSpec(name or text, f"<{text.upper()}>")
-    if token is not None:
-        task = token.group(1).lower()
-        rest = text[token.end():].strip()
-        if task in TASKS:
-            if rest:
-                raise _error(f"task token <{task.upper()}> takes no input; got {text!r}",
-                             key)
-            return PromptSpec(name or task, f"<{task.upper()}>")
-        if task in TASKS_WITH_INPUT:
-            if not rest:
-                raise _error(f"task <{task.upper()}> needs an input after the token, "
-                             f"e.g. \"<{task.upper()}> a red car\"", key)
-            return PromptSpec(name or f"prompt{index}", f"<{task.upper()}> {rest}")
-        raise _error(f"unknown Florence-2 task token <{task.upper()}>.{_task_hint(task)}",
-                     key)
-    return PromptSpec(name or f"prompt{index}", text)
-
-
-def expand_prompt(text: str) -> str:
-    """The text Florence2Processor makes of a prompt (task token -> its sentence); for vocabulary building."""
-    token = _TASK_TOKEN.match(text)
-    if token is None:
-        return text
-    task = token.group(1).lower()
-    if task in TASKS:
-        return TASKS[task]
-    if task in TASKS_WITH_INPUT:
-        return TASKS_WITH_INPUT[task].format(input=text[token.end():].strip())
-    return text
-
-
-# --------------------------------------------------------------------------------------- offline tokenizer
-
-
-def build_tokenizer(texts: Iterable[str] = ()) -> Any:
-    """A word-level Florence-2-compatible tokenizer built offline (no download).
-
-    Its vocabulary is :data:`SPECIAL_TOKENS` (BART ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, then
-    ``<image>``), the words of every Florence-2 task prompt (fixed order, so ids do not depend on the
-    recipe), then the new words of ``texts`` in sorted order. ``image_token`` is ``<image>``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    splitter = pre_tokenizers.Whitespace()
-
-    def words(text: str) -> list[str]:
-        return [w for w, _ in splitter.pre_tokenize_str(text)]
-
-    base: list[str] = []
-    for sentence in [*TASKS.values(), *(t.format(input="") for t in TASKS_WITH_INPUT.values())]:
-        base += [w for w in words(sentence) if w not in base]
-    extra = sorted({w for text in texts for w in words(expand_prompt(text))} - set(base) - set(SPECIAL_TOKENS))
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *base, *extra])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = splitter
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-
-
-def build_processor(tokenizer: Any, image_size: int, num_image_tokens: int,
-                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Any:
-    """A ``Florence2Processor`` (CLIP image processor: resize to ``image_size``, normalise) around ``tokenizer``.
-
-    ``num_image_tokens`` is the number of ``<image>`` placeholders the processor writes per image (the
-    projected DaViT features, pooled token included: ``grid**2 + 1``).
-    """
-    from transformers import CLIPImageProcessor, Florence2Processor
-
-    image_processor = CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                                         image_mean=list(mean), image_std=list(std))
-    image_processor.image_seq_length = num_image_tokens
-    return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -223,13 +63,13 @@ def build_processor(tokenizer: Any, image_size: int, num_image_tokens: int,
 
 def _check_keys(section: Any, schema: type, key: str, extra: Sequence[str] = ()) -> None:
     if not isinstance(section, dict):
-        raise _error(f"expected a mapping, got {type(section).__name__} ({section!r})", key)
+        raise error(f"expected a mapping, got {type(section).__name__} ({section!r})", key)
     valid = [f.name for f in dataclasses.fields(schema)] + list(extra)
     for name in section:
         if name not in valid:
             close = difflib.get_close_matches(str(name), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _error(f"unknown {schema.__name__} key {name!r}.{hint}", f"{key}.{name}")
+            raise error(f"unknown {schema.__name__} key {name!r}.{hint}", f"{key}.{name}")
 
 
 def make_config(config: dict[str, Any]) -> Any:
@@ -238,24 +78,24 @@ def make_config(config: dict[str, Any]) -> Any:
 
     _check_keys(config, Florence2Config, "config")
     if not isinstance(config.get("vision_config"), dict) or not isinstance(config.get("text_config"), dict):
-        raise _error("needs `vision_config` and `text_config` mappings "
+        raise error("needs `vision_config` and `text_config` mappings "
                      "(Florence2VisionConfig and BartConfig fields)", "config")
     _check_keys(config["vision_config"], Florence2VisionConfig, "config.vision_config", ["model_type"])
     text_type = config["text_config"].get("model_type", "bart")
     if text_type not in CONFIG_MAPPING:
-        raise _error(f"unknown text model_type {text_type!r}", "config.text_config.model_type")
+        raise error(f"unknown text model_type {text_type!r}", "config.text_config.model_type")
     _check_keys(config["text_config"], CONFIG_MAPPING[text_type], "config.text_config", ["model_type"])
     vision = config["vision_config"]
     lengths = {k: len(vision[k]) for k in ("depths", "embed_dim", "num_heads", "num_groups", "patch_size",
                                             "patch_stride", "patch_padding", "patch_prenorm")
                if isinstance(vision.get(k), (list, tuple))}
     if len(set(lengths.values())) > 1:
-        raise _error(f"the per-stage lists of vision_config differ in length: {lengths}",
+        raise error(f"the per-stage lists of vision_config differ in length: {lengths}",
                      "config.vision_config")
     try:
         return Florence2Config(**config)
     except (TypeError, ValueError) as exc:
-        raise _error(f"invalid Florence2Config: {exc}", "config") from exc
+        raise error(f"invalid Florence2Config: {exc}", "config") from exc
 
 
 # --------------------------------------------------------------------------------------------- encoder
@@ -311,7 +151,7 @@ class Florence2Encoder(VisionEncoder):
             given = [k for k, v in (("checkpoint", self.checkpoint), ("config", self.config)) if v is not None]
             if len(given) != 1:
                 got = f"got {', '.join(f'`{g}`' for g in given)}" if given else "got none of them"
-                raise _error(
+                raise error(
                     "set exactly one of `checkpoint` (a hub id such as "
                     "florence-community/Florence-2-large, or a local folder written by save_pretrained) or "
                     f"`config` (an inline Florence2Config for random init); {got}")
@@ -319,15 +159,15 @@ class Florence2Encoder(VisionEncoder):
             names = [s.name for s in specs]
             for i, spec in enumerate(specs):
                 if names.count(spec.name) > 1:
-                    raise _error(f"two prompts make the stream {spec.name!r}; name them "
+                    raise error(f"two prompts make the stream {spec.name!r}; name them "
                                  f"with {{name: text}}", f"prompts[{i}]")
                 if spec.name == "depth" or re.fullmatch(r"stage\d+", spec.name):
-                    raise _error(f"prompt stream name {spec.name!r} is reserved",
+                    raise error(f"prompt stream name {spec.name!r} is reserved",
                                  f"prompts[{i}]")
             if len(set(self.stages)) != len(self.stages):
-                raise _error(f"lists a stage twice: {self.stages}", "stages")
+                raise error(f"lists a stage twice: {self.stages}", "stages")
             if self.image_size is not None and self.image_size <= 0:
-                raise _error(f"must be positive, got {self.image_size}",
+                raise error(f"must be positive, got {self.image_size}",
                              "image_size")
             if self.config is not None:
                 make_config(self.config)
@@ -357,7 +197,7 @@ class Florence2Encoder(VisionEncoder):
         self.text_encoder: nn.Module | None = None
         if self.prompt_specs:
             if vision.projection_dim != text.d_model:
-                raise _error(f"vision_config.projection_dim ({vision.projection_dim}) must "
+                raise error(f"vision_config.projection_dim ({vision.projection_dim}) must "
                              f"equal text_config.d_model ({text.d_model}) for the text encoder to read the "
                              f"image features")
             self.embed_tokens = core.get_input_embeddings()
@@ -375,18 +215,18 @@ class Florence2Encoder(VisionEncoder):
         self.grid = grids[-1]
         """Side of the final DaViT feature map (24 for Florence-2 at 768 px)."""
         if self.grid < 1:
-            raise _error(f"{size} px is too small for DaViT's strides", "image_size")
+            raise error(f"{size} px is too small for DaViT's strides", "image_size")
         if self.grid > vision.max_position_embeddings:
-            raise _error(f"{size} px gives a {self.grid}x{self.grid} grid, more than "
+            raise error(f"{size} px gives a {self.grid}x{self.grid} grid, more than "
                          f"the {vision.max_position_embeddings} learned positions per axis", "image_size")
         stages = []
         for i, st in enumerate(args.stages):
             if not -num_stages <= st < num_stages:
-                raise _error(f"stage {st} is out of range for a DaViT with {num_stages} "
+                raise error(f"stage {st} is out of range for a DaViT with {num_stages} "
                              f"stages (0..{num_stages - 1}, or -1 for the last)", f"stages[{i}]")
             stages.append(st % num_stages)
         if len(set(stages)) != len(stages):
-            raise _error(f"names a stage twice: {args.stages}", "stages")
+            raise error(f"names a stage twice: {args.stages}", "stages")
         self.stage_indices = stages
         """Absolute DaViT stage indices exposed as ``stage<i>`` streams."""
         self.num_tokens = self.grid * self.grid + int(args.keep_pooled)
@@ -409,7 +249,7 @@ class Florence2Encoder(VisionEncoder):
             prompt_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             prompt_mask[i, : len(row)] = 1
         if ids and length > text.max_position_embeddings - self.grid * self.grid - 1:
-            raise _error(f"{self.grid ** 2 + 1} image tokens + {length} prompt tokens exceed "
+            raise error(f"{self.grid ** 2 + 1} image tokens + {length} prompt tokens exceed "
                          f"the text encoder's {text.max_position_embeddings} positions")
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.register_buffer("prompt_mask", prompt_mask, persistent=False)
@@ -484,31 +324,6 @@ class Florence2Encoder(VisionEncoder):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def tokenize_prompts(processor: Any, texts: Sequence[str], strict_vocab: bool = False) -> list[list[int]]:
-    """Token ids of ``<s> prompt </s>`` for each prompt, as the Florence-2 processor builds them for an image
-    (task tokens expanded, image placeholders removed). ``strict_vocab``: an unknown word is an error."""
-    from PIL import Image
-
-    if not texts:
-        return []
-    tokenizer = processor.tokenizer
-    image_id = getattr(tokenizer, "image_token_id", None)
-    blank = Image.new("RGB", (32, 32))
-    out = []
-    for text in texts:
-        try:
-            ids = processor(text=[text], images=[blank])["input_ids"][0]
-        except ValueError as exc:
-            raise _error(f"the Florence-2 processor rejects the prompt {text!r}: {exc}",
-                         "prompts") from exc
-        ids = [int(i) for i in ids if int(i) != image_id]
-        if strict_vocab and tokenizer.unk_token_id in ids:
-            raise _error(f"the offline tokenizer does not cover the prompt {text!r}",
-                         "prompts")
-        out.append(ids)
-    return out
 
 
 def _processor_size(processor: Any) -> int | None:
@@ -623,7 +438,7 @@ def _from_config(args: Florence2Encoder.Args) -> tuple[Any, Any]:
     florence_config = make_config(config)
     vocab = florence_config.text_config.vocab_size
     if len(tokenizer) > vocab:
-        raise _error(f"the tokenizer has {len(tokenizer)} tokens but "
+        raise error(f"the tokenizer has {len(tokenizer)} tokens but "
                      f"text_config.vocab_size is {vocab}; raise vocab_size", "config.text_config.vocab_size")
     model = Florence2ForConditionalGeneration(florence_config)
     if args.dtype not in ("float32", "auto"):
