@@ -156,7 +156,9 @@ class StepFlops:
                     if pixels is not None:
                         streams = model.image_streams(pixels[:1])
                     else:  # cached streams (n_images, views, N, C): the encoders do not run
-                        streams = {k: v[:1].reshape(-1, *v.shape[2:]) for k, v in cached.items()}
+                        # (bf16 under a bf16-mixed cache; outside autocast here, so in the fusion's dtype)
+                        dtype = next(model.fusion.parameters()).dtype
+                        streams = {k: v[:1].reshape(-1, *v.shape[2:]).to(dtype) for k, v in cached.items()}
                 with FlopCounterMode(display=False) as fus:
                     model.fuse(streams, 1)
             finally:
