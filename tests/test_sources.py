@@ -26,7 +26,7 @@ def test_local_paths_hub_ids_and_prefixes(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("value, message", [
-    ("./missing", r"k: checkpoint not found: missing \(looked for .*missing; `./missing` is neither an existing "
+    ("./missing", r"k: checkpoint not found: \./missing \(looked for .*missing; it is neither an existing "
                   r"path nor a hub id"),
     ("/abs/missing", "checkpoint not found: /abs/missing"),
     ("a--b/c", "checkpoint not found"),
@@ -43,7 +43,7 @@ def test_bad_sources_name_the_key_and_the_path(value: str, message: str, tmp_pat
 def test_what_a_local_path_must_be(tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"is a file; expected the folder .*for a GGUF file set the folder"):
+    with pytest.raises(CheckpointError, match=r"is a file; expected the folder .*for a GGUF file set `checkpoint: .*` and `gguf_file: m.gguf`"):
         resolve_source(str(gguf), "model.llm.checkpoint")
     assert resolve_source(str(gguf), "k", expect="file").target == str(gguf)
     with pytest.raises(CheckpointError, match="is a folder; expected a file"):
@@ -63,10 +63,28 @@ def test_offline_errors_say_how_to_fix_them(tmp_path: Path, monkeypatch) -> None
     # a value error is the library's own reason, not a missing download
     assert "cannot load the tokenizer of 'org/model': bad" in str(load_error(hub, "k", "tokenizer", ValueError("bad")))
     local = resolve_source(str(tmp_path), "k")
-    assert f"cannot load the tokenizer from {tmp_path}: broken" in str(load_error(local, "k", "tokenizer",
+    assert f"cannot load the tokenizer from folder {tmp_path}: broken" in str(load_error(local, "k", "tokenizer",
                                                                                   OSError("broken")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     assert not is_offline()
     assert "cannot load the tokenizer of 'org/model'" in str(load_error(hub, "k", "tokenizer", OSError("x")))
+
+
+@pytest.mark.parametrize("encoder", [
+    {"name": "clip"}, {"name": "convnext_clip"}, {"name": "qformer"}, {"name": "florence2"}])
+def test_every_part_reads_a_checkpoint_value_alike(encoder: dict, tmp_path: Path, monkeypatch) -> None:
+    """The same ``checkpoint:`` values mean the same for every part: a missing path is "not found", a hub
+    id that is not cached offline says how to fetch it."""
+    from vlkit.registry import ENCODERS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match=rf"{encoder['name']} encoder `checkpoint`: .*not found: {missing}"):
+        ENCODERS.build({**encoder, "checkpoint": str(missing)}, "model.encoders.0")
+    with pytest.raises(CheckpointError, match=r"could not be found offline.*hf download vlkit-test/not-cached"):
+        ENCODERS.build({**encoder, "checkpoint": "vlkit-test/not-cached"}, "model.encoders.0")

@@ -70,8 +70,8 @@ def resolve_source(value: str, key: str, *, what: str = "checkpoint", expect: Li
     if hub and looks_like_hub_id(value):
         return Source("hub", value, value)
     hint = " nor a hub id (org/name)" if hub else ""
-    raise CheckpointError(f"{key}: {what} not found: {path} (looked for {path.absolute()}; `{value}` is neither "
-                          f"an existing path{hint})")
+    raise CheckpointError(f"{key}: {what} not found: {value} (looked for {path.absolute()}; it is neither an "
+                          f"existing path{hint})")
 
 
 def _existing(target: str, value: str, key: str, what: str, expect: str) -> Path:
@@ -79,7 +79,7 @@ def _existing(target: str, value: str, key: str, what: str, expect: str) -> Path
     if not path.exists():
         raise CheckpointError(f"{key}: {what} not found: {path} (from `{value}`)")
     if expect == "dir" and not path.is_dir():
-        hint = (f"; for a GGUF file set the folder {path.parent} and name the file separately"
+        hint = (f"; for a GGUF file set `checkpoint: {path.parent}` and `gguf_file: {path.name}`"
                 if path.suffix == ".gguf" else "")
         raise CheckpointError(f"{key}: {path} is a file; expected the folder holding config.json and the "
                               f"weights (e.g. written by save_pretrained){hint}")
@@ -102,11 +102,23 @@ def load_error(source: Source, key: str, what: str, exc: BaseException) -> Check
     """The CheckpointError for a failed load of ``what`` from ``source``: a broken local folder, a hub id that
     cannot be found offline (with the fix), or the library's own reason."""
     if source.is_local:
-        return CheckpointError(f"{key}: cannot load the {what} from {source.target}: {exc}")
-    if is_offline() and isinstance(exc, OSError):
+        return CheckpointError(f"{key}: cannot load the {what} from folder {source.target}: {exc}")
+    if is_offline() and _missing_file(exc):
         return CheckpointError(
             f"{key}: the {what} of {source.target!r} could not be found offline: it is not a local folder and "
             f"not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. Download it once where "
             f"the Hub is reachable (`hf download {source.target}`, or run once without HF_HUB_OFFLINE), or set "
             f"`{key}` to a local folder holding it (e.g. one written by save_pretrained).")
     return CheckpointError(f"{key}: cannot load the {what} of {source.target!r}: {exc}")
+
+
+def _missing_file(exc: BaseException) -> bool:
+    """Whether ``exc`` or an error it was raised from is a missing file (libraries wrap the Hub's own error,
+    e.g. open_clip's RuntimeError around huggingface_hub's LocalEntryNotFoundError)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

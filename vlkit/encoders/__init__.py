@@ -12,10 +12,8 @@ checkpoint folder (``checkpoint:``) or an inline architecture for random init (`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder
-from vlkit.errors import CheckpointError, RecipeError
+from vlkit.errors import RecipeError
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "VisionEncoder"]
 
@@ -40,21 +38,3 @@ def resolve_layer(encoder: str, layer: int, depth: int) -> int:
             f"(use 0..{depth - 1}, or -1 for the last block, -2 for the penultimate, ...)"
         )
     return layer % depth
-
-
-def split_source(checkpoint: str) -> tuple[str, str]:
-    """Split a ``checkpoint:`` value into ``(scheme, target)``: ``local-dir`` (also a bare path) or ``hf-hub``."""
-    scheme, sep, rest = checkpoint.partition(":")
-    if sep and scheme in ("local-dir", "hf-hub"):
-        if not rest:
-            raise RecipeError(f"`checkpoint` {checkpoint!r} names no path after '{scheme}:'")
-        return scheme, rest
-    return "local-dir", checkpoint
-
-
-def existing_path(path: str, what: str) -> Path:
-    """``path`` expanded (``~``) and checked to exist; CheckpointError naming it otherwise."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{what} not found: {p} (from `checkpoint: {path}`)")
-    return p

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from vlkit.encoders import check_one_source, existing_path, resolve_layer, split_source
+from vlkit.encoders import check_one_source, resolve_layer
 from vlkit.encoders._open_clip import NO_BASE_WEIGHTS, WEIGHT_SUFFIXES, create_named, mean_std
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
+from vlkit.sources import load_error, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +151,9 @@ def _from_name(name: str, pretrained: str | None, image_size: int | None) -> tup
 def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[torch.nn.Module, dict]:
     import open_clip
 
-    scheme, target = split_source(checkpoint)
-    if scheme == "local-dir":
-        folder = existing_path(target, "clip checkpoint folder")
+    src = resolve_source(checkpoint, "clip encoder `checkpoint`", what="clip checkpoint folder", expect="any")
+    if src.is_local:
+        folder = src.path
         if not folder.is_dir():
             raise CheckpointError(
                 f"clip checkpoint {folder} is a file; `checkpoint` takes a folder holding "
@@ -165,14 +166,11 @@ def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[torch.nn.
                 f"clip checkpoint folder {folder} has no weights file (expected open_clip_model.safetensors "
                 f"or open_clip_pytorch_model.bin)"
             )
-        source = f"local-dir:{folder}"
-    else:
-        source = f"hf-hub:{target}"
     try:
-        model = open_clip.create_model(source, force_image_size=image_size, force_patch_dropout=0.0,
+        model = open_clip.create_model(src.open_clip_name, force_image_size=image_size, force_patch_dropout=0.0,
                                        **NO_BASE_WEIGHTS)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"clip encoder: cannot load checkpoint {checkpoint!r}: {exc}") from exc
+        raise load_error(src, "clip encoder `checkpoint`", "open_clip model", exc) from exc
     return _visual_and_preprocess(model)
 
 

@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.encoders import check_one_source, existing_path, resolve_layer, split_source
+from vlkit.encoders import check_one_source, resolve_layer
 from vlkit.encoders._open_clip import NO_BASE_WEIGHTS, create_named, mean_std
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
+from vlkit.sources import load_error, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -258,15 +259,16 @@ def _from_folder(folder: Path, image_size: int | None) -> tuple[nn.Module, int, 
 
 
 def _from_checkpoint(checkpoint: str, image_size: int | None) -> tuple[nn.Module, int, dict[str, Any]]:
-    scheme, target = split_source(checkpoint)
-    if scheme == "local-dir":
-        return _from_folder(existing_path(target, f"{_NAME} checkpoint folder"), image_size)
+    src = resolve_source(checkpoint, f"{_NAME} encoder `checkpoint`", what=f"{_NAME} checkpoint folder",
+                         expect="any")
+    if src.is_local:
+        return _from_folder(src.path, image_size)
     import open_clip
 
     try:
-        model = open_clip.create_model(f"hf-hub:{target}", force_image_size=image_size, **NO_BASE_WEIGHTS)
+        model = open_clip.create_model(src.open_clip_name, force_image_size=image_size, **NO_BASE_WEIGHTS)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{_NAME} encoder: cannot load checkpoint {checkpoint!r}: {exc}") from exc
+        raise load_error(src, f"{_NAME} encoder `checkpoint`", "open_clip model", exc) from exc
     return _visual_trunk(model, image_size)
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from vlkit.encoders import check_one_source, existing_path, resolve_layer, split_source
+from vlkit.encoders import check_one_source, resolve_layer
 from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
+from vlkit.sources import resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".tar", ".ckpt")
 
 
 def _is_weights_file(checkpoint: str) -> bool:
-    scheme, target = split_source(checkpoint)
-    return scheme == "local-dir" and Path(target).suffix in _WEIGHT_SUFFIXES
+    return not checkpoint.startswith("hf-hub:") and Path(checkpoint.removeprefix("local-dir:")).suffix in _WEIGHT_SUFFIXES
 
 
 @ENCODERS.register("dinov2")
@@ -167,11 +167,11 @@ def _create(args: DINOv2Encoder.Args) -> torch.nn.Module:
 
     file_overlay: dict[str, Any] | None = None
     if args.checkpoint is not None:
-        scheme, target = split_source(args.checkpoint)
-        if scheme == "hf-hub":
-            name, pretrained = f"hf-hub:{target}", True
+        src = resolve_source(args.checkpoint, "dinov2 encoder `checkpoint`", what="dinov2 checkpoint", expect="any")
+        if not src.is_local:
+            name, pretrained = src.open_clip_name, True
         else:
-            path = existing_path(target, "dinov2 checkpoint")
+            path = src.path
             if path.is_dir():
                 if not (path / "config.json").is_file():
                     raise CheckpointError(f"dinov2 checkpoint folder {path} has no config.json (timm's layout: "

@@ -38,23 +38,22 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.encoders import existing_path, split_source
 from vlkit.encoders._florence2.prompts import DEFAULT_PROMPTS, PromptSpec, error, parse_prompt
 from vlkit.encoders._florence2.tokenizer import build_processor, build_tokenizer, tokenize_prompts
 from vlkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, VisionEncoder, run_block
 from vlkit.errors import CheckpointError
 from vlkit.registry import ENCODERS
+from vlkit.sources import load_error, resolve_source
 
 logger = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_KEY = "florence2 encoder `checkpoint`"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -351,22 +350,9 @@ def _dtype(args: Florence2Encoder.Args) -> Any:
     return "auto" if args.dtype == "auto" else _DTYPES[args.dtype]
 
 
-def _resolve(checkpoint: str, what: str) -> str:
-    """A local folder (checked) or a hub id for ``from_pretrained``."""
-    scheme, target = split_source(checkpoint)
-    if scheme == "hf-hub":
-        return target
-    if checkpoint.startswith("local-dir:"):
-        path = existing_path(target, what)
-    else:
-        path = Path(target).expanduser()
-        if not path.exists():
-            if _HUB_ID.match(target) and not target.startswith((".", "/", "~")):
-                return target
-            raise CheckpointError(f"{what} not found: {path} (from `{checkpoint}`; neither a folder nor a hub id)")
-    if not path.is_dir():
-        raise CheckpointError(f"{what} {path} is a file; expected a folder written by save_pretrained")
-    return str(path)
+def _processor_source(value: str) -> str:
+    """The ``processor:`` folder or hub id (:mod:`vlkit.sources`)."""
+    return resolve_source(value, "florence2 encoder `processor`", what="florence2 processor folder").target
 
 
 def _load_processor(source: str, checkpoint: str) -> Any:
@@ -389,13 +375,12 @@ def _from_checkpoint(args: Florence2Encoder.Args) -> tuple[Any, Any]:
     from transformers import Florence2ForConditionalGeneration, PretrainedConfig
 
     assert args.checkpoint is not None
-    source = _resolve(args.checkpoint, "florence2 checkpoint folder")
+    src = resolve_source(args.checkpoint, _KEY, what="florence2 checkpoint folder")
+    source = src.target
     try:
         raw, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"florence2 encoder: cannot read config.json of {args.checkpoint!r}: {exc}. Without network access a "
-            f"hub checkpoint must already be in the Hugging Face cache") from exc
+        raise load_error(src, _KEY, "config.json", exc) from exc
     vision_type = (raw.get("vision_config") or {}).get("model_type")
     if "auto_map" in raw or raw.get("model_type") != "florence2" or vision_type not in (None, "florence_vision"):
         raise CheckpointError(
@@ -407,14 +392,14 @@ def _from_checkpoint(args: Florence2Encoder.Args) -> tuple[Any, Any]:
         model, info = Florence2ForConditionalGeneration.from_pretrained(source, dtype=_dtype(args),
                                                                         output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"florence2 encoder: cannot load {args.checkpoint!r}: {exc}") from exc
+        raise load_error(src, _KEY, "Florence-2 model", exc) from exc
     used = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.encoder.",
             "model.language_model.shared.")
     missing = [k for k in info.get("missing_keys", []) if k.startswith(used)]
     if missing:
         raise CheckpointError(f"florence2 encoder: {args.checkpoint!r} lacks {len(missing)} weights vlkit uses "
                               f"(e.g. {sorted(missing)[:3]}); it is not a complete native Florence-2 checkpoint")
-    processor = _load_processor(_resolve(args.processor, "florence2 processor folder") if args.processor
+    processor = _load_processor(_processor_source(args.processor) if args.processor
                                 else source, args.checkpoint)
     return model, processor
 
@@ -425,7 +410,7 @@ def _from_config(args: Florence2Encoder.Args) -> tuple[Any, Any]:
     assert args.config is not None
     config = dict(args.config)
     if args.processor is not None:
-        processor = _load_processor(_resolve(args.processor, "florence2 processor folder"), args.processor)
+        processor = _load_processor(_processor_source(args.processor), args.processor)
         tokenizer = processor.tokenizer
     else:
         processor = None

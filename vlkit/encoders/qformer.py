@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,10 @@ from transformers.models.blip_2.modeling_blip_2 import (
 from vlkit.encoders.base import CLIP_MEAN, CLIP_STD, Preprocess, VisionEncoder
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.registry import ENCODERS
+from vlkit.sources import Source, load_error, resolve_source
 
 _NAME = "qformer"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_KEY = "qformer encoder `checkpoint`"
 _CONFIG_KEYS = {"vision_config", "qformer_config", "text_config", "num_query_tokens", "initializer_range",
                 "initializer_factor", "image_text_hidden_size", "image_token_index"}
 
@@ -170,12 +170,6 @@ def _no_dropout(config: Blip2Config) -> Blip2Config:
     return config
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
@@ -188,37 +182,24 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _source(checkpoint: str) -> str:
-    """The ``from_pretrained`` source of a ``checkpoint:`` value (hub id, ``hf-hub:ID``, folder, ``local-dir:``)."""
-    if checkpoint.startswith("hf-hub:"):
-        return checkpoint.removeprefix("hf-hub:")
-    path = Path(checkpoint.removeprefix("local-dir:")).expanduser()
-    if checkpoint.startswith("local-dir:") or path.exists() or not _HUB_ID.match(checkpoint):
-        if not path.is_dir():
-            raise CheckpointError(f"{_NAME} encoder: checkpoint folder not found: {path} (from `checkpoint: "
-                                  f"{checkpoint}`)")
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{_NAME} checkpoint folder {path} has no config.json (write it with "
-                                  f"save_pretrained of a BLIP-2 model)")
-        return str(path)
-    return checkpoint
+def _source(checkpoint: str) -> Source:
+    """Where a ``checkpoint:`` value points (hub id, ``hf-hub:ID``, folder, ``local-dir:``; :mod:`vlkit.sources`)."""
+    src = resolve_source(checkpoint, _KEY, what="checkpoint folder")
+    if src.is_local and not (src.path / "config.json").is_file():
+        raise CheckpointError(f"{_NAME} checkpoint folder {src.path} has no config.json (write it with "
+                              f"save_pretrained of a BLIP-2 model)")
+    return src
 
 
 def _load(checkpoint: str) -> Blip2QFormerTower:
-    source = _source(checkpoint)
+    src = _source(checkpoint)
     try:
         with _quiet_transformers():
-            config = Blip2Config.from_pretrained(source)
-            tower, info = Blip2QFormerTower.from_pretrained(source, config=_no_dropout(config),
+            config = Blip2Config.from_pretrained(src.target)
+            tower, info = Blip2QFormerTower.from_pretrained(src.target, config=_no_dropout(config),
                                                            output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        if _offline() and not Path(source).is_dir():
-            raise CheckpointError(
-                f"{_NAME} encoder: {source!r} could not be found offline: it is not a local folder and not in the "
-                f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. Download it once where the Hub "
-                f"is reachable (`hf download {source}`), or set `checkpoint` to a local folder."
-            ) from exc
-        raise CheckpointError(f"{_NAME} encoder: cannot load BLIP-2 checkpoint {checkpoint!r}: {exc}") from exc
+        raise load_error(src, _KEY, "BLIP-2 checkpoint", exc) from exc
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:

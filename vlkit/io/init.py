@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vlkit.errors import CheckpointError, RecipeError
+from vlkit.sources import looks_like_hub_id
 
 if TYPE_CHECKING:
     from vlkit.model import VLM
@@ -39,7 +39,6 @@ KEY = "model.init"
 CONFIG_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 """What the recipe needs of a hub source: configs, processor and tokenizer files (in subfolders too)."""
 WEIGHT_FILES = [*CONFIG_FILES, "*.safetensors"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _PARTS = ("fusion", "llm")
 
 
@@ -69,7 +68,7 @@ def resolve(source: str, patterns: list[str]) -> Path:
             raise RecipeError(f"{source} is a file; `init` takes the folder of a vlkit saved model or a Hugging "
                               "Face LLaVA model", KEY)
         return path.resolve()
-    if not _HUB_ID.match(source) or ".." in source or "--" in source:
+    if "/" not in source or not looks_like_hub_id(source):  # init names org/name repositories
         raise RecipeError(f"folder not found: {source} (looked for {path.absolute()}); `init` takes a vlkit saved "
                           "model folder (vlkit export), a Hugging Face LLaVA folder or a hub id (org/name)", KEY)
     from huggingface_hub import constants, snapshot_download

@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,11 +38,11 @@ from vlkit.data.conversation import BUILTIN_TEMPLATES, ChatTemplate, FormatTempl
 from vlkit.errors import CheckpointError, RecipeError
 from vlkit.llms.base import LLM
 from vlkit.registry import LLMS
+from vlkit.sources import load_error, resolve_source
 
 _KEY = "model.llm"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "name" or "org/name" as the Hub spells repo ids; anything else that does not exist is a missing folder.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def _causal_model_types() -> list[str]:
@@ -196,27 +195,9 @@ class HFCausalLM(LLM):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
-              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or env
-
-
 def _check_source(source: str, field: str) -> str:
-    """A local folder (returned as is) or a hub id; a missing path that is no hub id is an error."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if path.is_file():
-            hint = (f"; for a GGUF file set `checkpoint: {path.parent}` and `gguf_file: {path.name}`"
-                    if path.suffix == ".gguf" else "")
-            raise CheckpointError(f"{_KEY}.{field}: {source} is a file; point it to the folder that holds "
-                                  f"config.json and the weights{hint}")
-        return str(path)
-    if not _HUB_ID.match(source) or "--" in source or ".." in source:
-        raise CheckpointError(f"{_KEY}.{field}: folder not found: {source} (looked for {path.absolute()})")
-    return source
+    """A local folder or a hub id, as every part resolves ``checkpoint:`` values (:mod:`vlkit.sources`)."""
+    return resolve_source(source, f"{_KEY}.{field}", what="folder").target
 
 
 def _from_pretrained(loader: Any, source: str, field: str, what: str, **kwargs: Any) -> Any:
@@ -224,18 +205,8 @@ def _from_pretrained(loader: Any, source: str, field: str, what: str, **kwargs: 
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        if Path(source).expanduser().is_dir():
-            raise CheckpointError(f"{_KEY}.{field}: cannot load the {what} from folder {source}: {exc}") from exc
-        if _offline() and isinstance(exc, OSError):
-            file = f" ({kwargs['gguf_file']})" if kwargs.get("gguf_file") else ""
-            raise CheckpointError(
-                f"{_KEY}.{field}: the {what} of {source!r}{file} could not be found offline: it is not a "
-                f"local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading "
-                f"it. Download it once where the Hub is reachable (`hf download {source}`, or run once "
-                f"without HF_HUB_OFFLINE), or set `{field}` to a local folder holding it (e.g. one written "
-                f"by save_pretrained)."
-            ) from exc
-        raise CheckpointError(f"{_KEY}.{field}: cannot load the {what} of {source!r}: {exc}") from exc
+        key = f"{_KEY}.{field}"
+        raise load_error(resolve_source(source, key), key, what, exc) from exc
 
 
 def _weights_location(args: HFCausalLM.Args) -> tuple[str | None, str | None]:
