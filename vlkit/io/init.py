@@ -218,7 +218,8 @@ def check_without_init(exc: InitUnavailable) -> tuple[str, str]:
     """What ``vlkit config`` can check of a recipe whose hub ``init`` is not available offline: everything but
     the model's parts. Returns (the recipe as YAML, its model section as written; a note of what was not
     checked). Errors name the file that set the key, as :func:`vlkit.config.load_recipe`'s do."""
-    from vlkit.config import Recipe, _validate_parts
+    from vlkit.config import Recipe
+    from vlkit.config.validation import validate_parts
     from vlkit.schema import to_dataclass
 
     data = copy.deepcopy(exc.data)
@@ -227,7 +228,7 @@ def check_without_init(exc: InitUnavailable) -> tuple[str, str]:
         # the model's own keys are checked against the schema; its part sections need the init
         schema = {**given, "encoders": [], "llm": {}, "fusion": None}
         recipe = to_dataclass(Recipe, {**data, "model": schema})
-        _validate_parts(recipe, with_model=False)
+        validate_parts(recipe, with_model=False)
     except RecipeError as err:
         origin = exc.layers.origin(err.key) if err.key and exc.layers is not None else "recipe"
         raise RecipeError(f"{origin}: {err}") from None

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from vlkit.config import Recipe, load_recipe, to_dataclass
+from vlkit.config import Recipe, load_recipe
 from vlkit.errors import RecipeError
+from vlkit.schema import to_dataclass
 
 DEFAULT_METRIC = "val/accuracy"
 LMMS_PREFIX = "lmms/"
