@@ -149,7 +149,9 @@ class StepFlops:
         model = self.model
         was_training = model.training
         device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        # grad mode on: torch's FLOP counter cannot hook a module input that is a trainable leaf under no_grad
+        # (e.g. a fusion's learned queries); the graph of this one image is dropped right after
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
             model.eval()
             try:
                 with FlopCounterMode(display=False) as enc:
