@@ -93,6 +93,7 @@ def test_bad_image_keeps_the_chat_going(saved: Path):
     assert text.endswith(f"> {answer(model, [None], ['Hi'], GenerationOptions(max_new_tokens=3))[0]}\n> \n")
 
 
+@pytest.mark.slow
 def test_vlkit_chat_command(saved: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     img = saved.parent / "a.png"

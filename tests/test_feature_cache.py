@@ -215,6 +215,7 @@ print("encoded", len(encoded), "folder", reader.folder.name)
 """
 
 
+@pytest.mark.slow
 def test_processes_building_one_cache_at_once_encode_each_shard_once(tiny_recipe: Path, tmp_path: Path):
     """DDP ranks and parallel sweep cells share a cache folder: one process encodes a shard, the others wait
     for it and read it."""

@@ -215,6 +215,7 @@ def test_generate_until_honours_stop_strings_and_max_new_tokens(trained_run: Pat
     assert cut == [t.split(stop, 1)[0] for t in long] and cut != long
 
 
+@pytest.mark.slow
 def test_unknown_task_and_bad_model_folder_are_clear_errors(tmp_path: Path, capsys):
     assert main(["eval", str(tmp_path), "--tasks", "vlkit_no_such_task"]) == 2
     assert "unknown lmms-eval task(s): 'vlkit_no_such_task'" in capsys.readouterr().err
