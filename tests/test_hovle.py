@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 import vlkit
@@ -303,21 +302,10 @@ def test_xformers_without_gpu_is_a_clear_error(hovle_recipe: Path):
         vlkit.build_model(recipe)
 
 
-class Crash(Callback):
-    """Simulates a crash at a given step of a given stage."""
-
-    def __init__(self, stage: str, step: int) -> None:
-        self.stage, self.step = stage, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def test_three_stage_fit_writes_distill_metrics_and_resumes(hovle_recipe: Path, tmp_path: Path):
+def test_three_stage_fit_writes_distill_metrics_and_resumes(hovle_recipe: Path, tmp_path: Path, crash_at):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        vlkit.fit(vlkit.load_recipe(hovle_recipe), run, callbacks=[Crash("distill", 3)])
+        vlkit.fit(vlkit.load_recipe(hovle_recipe), run, callbacks=[crash_at("distill", 3)])
     assert torch.load(run / "stage0-distill" / "last" / "state.pt", weights_only=True)["global_step"] == 2
     summary = vlkit.fit(vlkit.load_recipe(hovle_recipe), run)  # resumes stage I (teacher included)
     stages = [json.loads((run / f"stage{i}-{name}" / "done.json").read_text())

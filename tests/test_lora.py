@@ -110,15 +110,6 @@ def test_all_linear_adapters_leave_the_output_unchanged_and_only_they_train(tiny
 # ------------------------------------------------------------------------------------------ training
 
 
-class Crash(Callback):
-    def __init__(self, stage: str, step: int) -> None:
-        self.stage, self.step = stage, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 class Probe(Callback):
     """The model's adapters and the optimizer state when a stage (re)starts."""
 
@@ -133,11 +124,11 @@ class Probe(Callback):
 
 @pytest.mark.slow
 def test_lora_run_resumes_after_a_crash_with_adapters_and_optimizer_state_then_merges(tiny_recipe: Path,
-                                                                                     tmp_path: Path):
+                                                                                     tmp_path: Path, crash_at):
     path = lora_recipe(tiny_recipe)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        vlkit.fit(vlkit.load_recipe(path), run, callbacks=[Crash("align", 3)])
+        vlkit.fit(vlkit.load_recipe(path), run, callbacks=[crash_at("align", 3)])
     saved = read_weights(run / "stage0-align" / "last")
     state = torch.load(run / "stage0-align" / "last" / "state.pt", weights_only=True)
     assert state["global_step"] == 2
