@@ -98,7 +98,8 @@ def main() -> None:
 
         build_demo(demo, train_scenes=2000, val_scenes=300)
     recipe = vlkit.load_recipe(args.recipe, [f"model.llm.tokenizer={demo}/tokenizer",
-                                             f"data.train.urls={demo}/train-{{000000..000003}}.tar"])
+                                             f"data.train.urls={demo}/train-{{000000..000003}}.tar",
+                                             "eval.max_new_tokens=8"])  # no validation runs here
     torch.manual_seed(0)
     model = vlkit.build_model(recipe)
     stage = recipe.stages[0]

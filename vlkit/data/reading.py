@@ -446,6 +446,8 @@ def carry_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     (the loader re-raises it as one line, without the worker's traceback); in the main process it propagates."""
     try:
         yield from batches
+    except GeneratorExit:  # closed (also at interpreter exit, when VlkitError may already be None)
+        raise
     except VlkitError as exc:
         if get_worker_info() is None:
             raise
@@ -565,6 +567,8 @@ def _raising(it: Iterator[Any]) -> Iterator[Any]:
             if isinstance(batch, dict) and ERROR_KEY in batch and len(batch) == 1:
                 raise DataError(batch[ERROR_KEY])
             yield batch
+    except GeneratorExit:  # see carry_errors
+        raise
     except VlkitError as exc:
         text = str(exc)
         if "Original Traceback" in text:  # raised by torch from a worker: keep the message, not the traceback
