@@ -346,3 +346,26 @@ def test_worker_error_reaches_the_user_as_one_line(corrupt_shard: Path, processo
     assert "\n" not in message and "Traceback" not in message and "DataLoader worker" not in message
     assert message.startswith(f"{corrupt_shard}: sample bad_png: cannot decode image")
     assert info.value.__cause__ is None
+
+
+def test_a_script_exiting_with_a_live_loader_iterator_prints_no_error(tiny_recipe: Path):
+    """Interpreter shutdown closes the loader's generators after module globals are torn down; closing
+    must not evaluate ``except VlkitError`` (then None) and print "Exception ignored ... TypeError"."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, vlkit\n"
+        "from vlkit.registry import DATASETS\n"
+        "recipe = vlkit.load_recipe(sys.argv[1])\n"
+        "model = vlkit.build_model(recipe)\n"
+        "data = DATASETS.build(recipe.data.train, 'data.train')\n"
+        "loader = iter(data.train_loader(model.processor(max_length=data.args.max_length), seed=0))\n"
+        "batch = next(loader)\n"
+        "print(tuple(batch['input_ids'].shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_recipe)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("(8, ")
+    assert "Exception ignored" not in done.stderr and "TypeError" not in done.stderr, done.stderr
