@@ -348,6 +348,7 @@ def test_worker_error_reaches_the_user_as_one_line(corrupt_shard: Path, processo
     assert info.value.__cause__ is None
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
 def test_a_script_exiting_with_a_live_loader_iterator_prints_no_error(tiny_recipe: Path):
     """Interpreter shutdown closes the loader's generators after module globals are torn down; closing
     must not evaluate ``except VlkitError`` (then None) and print "Exception ignored ... TypeError"."""
