@@ -46,13 +46,14 @@ def test_demo_recipe_trains_every_stage(name: str, demo_dir: Path, tmp_path: Pat
     assert "final validation" in capsys.readouterr().out
 
 
-def test_florence_demo_llm_starts_from_the_init_scale_its_recipe_sets(demo_dir: Path, tmp_path: Path):
-    """The demo's LLM is random-init at width 128, where transformers' default std of 0.02 (sized for
+@pytest.mark.parametrize("name", ["florence_dbfusion.yaml", "clip_mlp.yaml"])
+def test_demo_llm_starts_from_the_init_scale_its_recipe_sets(name: str, demo_dir: Path, tmp_path: Path):
+    """The demos' LLM is random-init at width 128, where transformers' default std of 0.02 (sized for
     ~2,000-wide models) kept it on a loss plateau for hundreds of steps; the recipe sets 1/sqrt(128), and that
     std must reach the weights (an inline config key dropped or weights re-initialised by vlkit would not)."""
     import torch
 
-    recipe = vlkit.load_recipe(_demo_copy(demo_dir, tmp_path, "florence_dbfusion.yaml"))
+    recipe = vlkit.load_recipe(_demo_copy(demo_dir, tmp_path, name))
     torch.manual_seed(0)
     layers = vlkit.build_model(recipe).llm.model.model.layers
     for name, weight in [("attention", layers[0].self_attn.q_proj.weight), ("MLP", layers[1].mlp.down_proj.weight)]:
