@@ -46,7 +46,7 @@ def test_demo_recipe_trains_every_stage(name: str, demo_dir: Path, tmp_path: Pat
     assert "final validation" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["florence_dbfusion.yaml", "clip_mlp.yaml"])
+@pytest.mark.parametrize("name", ["florence_dbfusion.yaml", "clip_mlp.yaml", "hovle.yaml"])
 def test_demo_llm_starts_from_the_init_scale_its_recipe_sets(name: str, demo_dir: Path, tmp_path: Path):
     """The demos' LLM is random-init at width 128, where transformers' default std of 0.02 (sized for
     ~2,000-wide models) kept it on a loss plateau for hundreds of steps; the recipe sets 1/sqrt(128), and that
