@@ -56,5 +56,5 @@ def test_demo_llm_starts_from_the_init_scale_its_recipe_sets(name: str, demo_dir
     recipe = vlkit.load_recipe(_demo_copy(demo_dir, tmp_path, name))
     torch.manual_seed(0)
     layers = vlkit.build_model(recipe).llm.model.model.layers
-    for name, weight in [("attention", layers[0].self_attn.q_proj.weight), ("MLP", layers[1].mlp.down_proj.weight)]:
-        assert weight.std().item() == pytest.approx(0.088, rel=0.05), name
+    for part, weight in [("attention", layers[0].self_attn.q_proj.weight), ("MLP", layers[1].mlp.down_proj.weight)]:
+        assert weight.std().item() == pytest.approx(0.088, rel=0.05), f"{name}: {part}"
